@@ -1,0 +1,1 @@
+"""WHAT happened: tidy results tables, Plotly figures and dashboards."""

@@ -1,0 +1,298 @@
+"""Typed, frozen configuration of one trial, read once from a raw dict (a preset or Ray's `config`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainables.errors import UserError
+
+DATASETS = ("synthetic", "sscs", "nea", "folder")
+ARCHS = ("unet", "unetplusplus", "fpn", "linknet", "manet")
+PRUNERS = ("none", "lp", "agp", "mp", "magnitude")
+GRANULARITIES = ("element",)
+SCOPES = ("layer", "global")
+DEVICES = ("auto", "cpu", "cuda")
+SSCS_VARIANTS = ("512x512", "original")
+NUM_CLASSES = {"sscs": 4, "nea": 3}
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """The built-in synthetic corrosion set, generated on first use and cached on disk."""
+
+    train: int = 64
+    test: int = 16
+    size: int = 128
+    classes: int = 4
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "synthetic"
+    root: str | None = None  # SSCS / NEA / folder root; synthetic: cache folder (default: temp)
+    num_classes: int | None = None  # None: the dataset's own (SSCS 4, NEA 3); needed for folder
+    crop_size: int = 512  # training crop (padded first if the image is smaller)
+    eval_pad_to: int = 32  # validation/test images are padded to a multiple of this
+    resize: int | None = None  # longer side resized to this before anything else (None: keep)
+    val_fraction: float = 0.2
+    sscs_variant: str = "512x512"
+    nea_block_size: int = 10  # NEA frames are split into contiguous blocks of this many
+    nea_test_fraction: float = 0.2
+    num_workers: int = 0
+    cache: bool = True  # keep decoded images in memory
+    synthetic: SynthConfig = field(default_factory=SynthConfig)
+
+    @property
+    def classes(self) -> int:
+        """Number of classes, resolved from the dataset where not given."""
+        if self.num_classes is not None:
+            return self.num_classes
+        if self.dataset == "synthetic":
+            return self.synthetic.classes
+        return NUM_CLASSES.get(self.dataset, 0)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "fpn"
+    encoder: str = "resnet101"
+    encoder_weights: str | None = "imagenet"  # "imagenet", None, or a local .pt/.safetensors file
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    # Tversky: alpha weights false positives, beta false negatives. 0.3/0.7 follows the Tversky
+    # paper's recommendation for imbalanced segmentation (rare corrosion classes: missing them
+    # costs more than a false alarm). alpha = beta = 0.5 is Dice.
+    alpha: float = 0.3
+    beta: float = 0.7
+    class_weights: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    batch_size: int = 4
+    momentum: float = 0.5
+    weight_decay: float = 0.0
+    base_lr: float = 1e-4
+    max_lr: float = 1e-2
+    half_cycle_iters: int = 2000  # triangular CLR step_size_up (= step_size_down)
+
+
+@dataclass(frozen=True)
+class StagesConfig:
+    train_epochs: int = 100
+    prune_epochs: int = 50
+    finetune_epochs: int = 100
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    pruner: str = "none"
+    sparsity: float = 0.0  # target fraction of prunable weights set to zero
+    initial_sparsity: float = 0.0
+    steps: int = 5  # LP/AGP mask updates, evenly spaced through the prune stage
+    granularity: str = "element"
+    scope: str = "layer"  # rank within each layer, or globally across layers
+    exclude: tuple[str, ...] = ("segmentation_head",)  # module-name prefixes never pruned
+    mp_warmup_epochs: int = 20  # movement pruning: dense epochs at the start of the prune stage
+    mp_cooldown_epochs: int = 10  # movement pruning: epochs at the target before fine-tuning
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str = "auto"
+    threads: int | None = None  # torch threads (None: leave as is; Ray sets it from trial CPUs)
+    progress: bool = True  # a progress bar per epoch when stderr is a terminal
+    amp: bool = False
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> TrialConfig:
+        cfg = _build(cls, config, "")
+        validate(cfg)
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def replace(self, **sections: Any) -> TrialConfig:
+        """A copy with some fields changed: `cfg.replace(pruning={"sparsity": 0.5})`."""
+        return TrialConfig.from_dict(merge(self.to_dict(), sections))
+
+    @property
+    def pruned(self) -> bool:
+        return self.pruning.pruner != "none"
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; `override` wins. Neither input is modified."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _build(cls: type, config: Any, where: str) -> Any:
+    if config is None:
+        config = {}
+    if not isinstance(config, dict):
+        raise UserError(f"config section '{where or 'top level'}' must be a mapping, got {config!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(config) - set(fields))
+    if unknown:
+        raise UserError(
+            f"unknown config key '{where}{unknown[0]}'; allowed keys here: {', '.join(fields)}"
+        )
+    kwargs = {}
+    for name, value in config.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list | tuple):
+            raise UserError(f"config key '{key}' must be a list, got {value!r}")
+        return tuple(_coerce(args[0], v, key) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise UserError(f"config key '{key}' must be true or false, got {value!r}")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise UserError(f"config key '{key}' must be a number, got {value!r}")
+        try:
+            number = hint(value)
+        except (TypeError, ValueError):
+            raise UserError(f"config key '{key}' must be a number, got {value!r}") from None
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise UserError(f"config key '{key}' must be a whole number, got {value!r}")
+        return number
+    if hint is str:
+        if not isinstance(value, str | int | float):
+            raise UserError(f"config key '{key}' must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise UserError(f"config key '{key}' is {value!r}; allowed values: {', '.join(allowed)}")
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise UserError(f"config key '{key}' is {value!r}; expected {expected}")
+
+
+def validate(cfg: TrialConfig) -> None:
+    """Reject values that would fail later, naming the key and what is allowed."""
+    d, m, p, o, s = cfg.data, cfg.model, cfg.pruning, cfg.optim, cfg.stages
+    _choice("data.dataset", d.dataset, DATASETS)
+    _choice("data.sscs_variant", d.sscs_variant, SSCS_VARIANTS)
+    _choice("model.arch", m.arch, ARCHS)
+    _choice("pruning.pruner", p.pruner, PRUNERS)
+    _choice("pruning.granularity", p.granularity, GRANULARITIES)
+    _choice("pruning.scope", p.scope, SCOPES)
+    _choice("runtime.device", cfg.runtime.device, DEVICES)
+    if d.dataset == "synthetic":
+        _check(d.synthetic.classes in (3, 4), "data.synthetic.classes", d.synthetic.classes, "3 or 4")
+    expected = d.synthetic.classes if d.dataset == "synthetic" else NUM_CLASSES.get(d.dataset)
+    if d.num_classes is not None and expected is not None:
+        _check(d.num_classes == expected, "data.num_classes", d.num_classes,
+               f"{expected} for dataset '{d.dataset}' (or leave it unset)")
+    _check(d.classes >= 2, "data.num_classes", d.num_classes,
+           "at least 2 (required for dataset 'folder')")
+    _check(d.crop_size > 0 and d.crop_size % 32 == 0, "data.crop_size", d.crop_size, "a multiple of 32")
+    _check(d.eval_pad_to > 0 and d.eval_pad_to % 32 == 0, "data.eval_pad_to", d.eval_pad_to, "a multiple of 32")
+    _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "between 0 and 1")
+    _check(0.0 < d.nea_test_fraction < 1.0, "data.nea_test_fraction", d.nea_test_fraction, "between 0 and 1")
+    _check(d.nea_block_size >= 1, "data.nea_block_size", d.nea_block_size, "at least 1")
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more")
+    _check(d.resize is None or d.resize >= 32, "data.resize", d.resize, "none or at least 32")
+    _check(o.batch_size >= 1, "optim.batch_size", o.batch_size, "at least 1")
+    _check(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "in [0, 1)")
+    _check(0.0 < o.base_lr <= o.max_lr, "optim.base_lr", o.base_lr, f"in (0, max_lr={o.max_lr}]")
+    _check(o.half_cycle_iters >= 1, "optim.half_cycle_iters", o.half_cycle_iters, "at least 1")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "0 or more")
+    _check(cfg.loss.alpha >= 0 and cfg.loss.beta >= 0, "loss.alpha", cfg.loss.alpha, "alpha, beta >= 0")
+    _check(cfg.loss.alpha + cfg.loss.beta > 0, "loss.beta", cfg.loss.beta, "alpha + beta > 0")
+    if cfg.loss.class_weights is not None:
+        _check(
+            len(cfg.loss.class_weights) == d.classes,
+            "loss.class_weights",
+            cfg.loss.class_weights,
+            f"{d.classes} weights, one per class",
+        )
+    for key in ("train_epochs", "prune_epochs", "finetune_epochs"):
+        _check(getattr(s, key) >= 0, f"stages.{key}", getattr(s, key), "0 or more")
+    _check(0.0 <= p.sparsity < 1.0, "pruning.sparsity", p.sparsity, "in [0, 1)")
+    _check(
+        0.0 <= p.initial_sparsity <= p.sparsity or not cfg.pruned,
+        "pruning.initial_sparsity",
+        p.initial_sparsity,
+        f"in [0, sparsity={p.sparsity}]",
+    )
+    if cfg.pruned:
+        _check(p.sparsity > 0, "pruning.sparsity", p.sparsity, "above 0 when a pruner is set")
+        _check(s.prune_epochs >= 1, "stages.prune_epochs", s.prune_epochs, "at least 1 to prune")
+        if p.pruner in ("lp", "agp", "magnitude"):
+            _check(p.steps >= 1, "pruning.steps", p.steps, "at least 1")
+            _check(
+                s.prune_epochs % p.steps == 0,
+                "stages.prune_epochs",
+                s.prune_epochs,
+                f"a multiple of pruning.steps={p.steps} (a mask update every prune_epochs/steps)",
+            )
+        if p.pruner == "mp":
+            ramp = s.prune_epochs - p.mp_warmup_epochs - p.mp_cooldown_epochs
+            _check(
+                p.mp_warmup_epochs >= 0 and p.mp_cooldown_epochs >= 0 and ramp >= 1,
+                "pruning.mp_warmup_epochs",
+                p.mp_warmup_epochs,
+                f"warm-up + cool-down ({p.mp_cooldown_epochs}) leaving at least one ramp epoch "
+                f"in stages.prune_epochs={s.prune_epochs}",
+            )

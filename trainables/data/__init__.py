@@ -1,0 +1,1 @@
+"""Loading, generating, checking and augmenting segmentation data."""

@@ -1,0 +1,1 @@
+"""Gradual pruning: schedules, importance scores and masks as functions; the loop owns the counters."""
