@@ -50,7 +50,11 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     if args.train < 1 or args.test < 1 or args.size < 32:
         raise UserError("--train and --test must be at least 1 and --size at least 32")
     out = write_synthetic(
-        args.out, train=args.train, test=args.test, size=args.size, classes=args.classes,
+        args.out,
+        train=args.train,
+        test=args.test,
+        size=args.size,
+        classes=args.classes,
         seed=args.seed,
     )
     print(f"synthetic set written to {out}")
@@ -95,10 +99,19 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scope", help="layer | global")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda")
-    p.add_argument("--from", dest="warm_start", type=Path,
-                   help="start from a dense checkpoint (dense.pt) and skip the training stage")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config field, e.g. --set optim.max_lr=0.02 (repeatable)")
+    p.add_argument(
+        "--from",
+        dest="warm_start",
+        type=Path,
+        help="start from a dense checkpoint (dense.pt) and skip the training stage",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. --set optim.max_lr=0.02 (repeatable)",
+    )
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_train)
 
@@ -145,7 +158,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def summary_line(result: dict[str, Any], out: Path) -> str:
     dense = result["dense"]
-    lines = [f"dense test mIoU {dense['test_miou']:.4f} (corrosion classes {dense['test_miou_corrosion']:.4f})"]
+    lines = [
+        f"dense test mIoU {dense['test_miou']:.4f} (corrosion classes {dense['test_miou_corrosion']:.4f})"
+    ]
     if result.get("pruned"):
         p = result["pruned"]
         lines.append(

@@ -15,7 +15,9 @@ PRESET_DIR = resources.files("sweep") / "presets"
 
 
 def preset_names() -> list[str]:
-    return sorted(p.name.removesuffix(".yaml") for p in PRESET_DIR.iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name.removesuffix(".yaml") for p in PRESET_DIR.iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def load_preset(name: str) -> dict[str, Any]:
@@ -26,8 +28,10 @@ def load_preset(name: str) -> dict[str, Any]:
     else:
         shipped = PRESET_DIR / f"{name}.yaml"
         if not shipped.is_file():
-            raise UserError(f"unknown preset '{name}'; shipped presets: {', '.join(preset_names())} "
-                            "(or give a path to a .yaml file)")
+            raise UserError(
+                f"unknown preset '{name}'; shipped presets: {', '.join(preset_names())} "
+                "(or give a path to a .yaml file)"
+            )
         text = shipped.read_text()
     try:
         raw = yaml.safe_load(text) or {}
@@ -37,7 +41,9 @@ def load_preset(name: str) -> dict[str, Any]:
         raise UserError(f"preset '{name}' must be a mapping with keys 'trial' and 'sweep'")
     unknown = sorted(set(raw) - {"trial", "sweep"})
     if unknown:
-        raise UserError(f"unknown top-level key '{unknown[0]}' in preset '{name}'; allowed: trial, sweep")
+        raise UserError(
+            f"unknown top-level key '{unknown[0]}' in preset '{name}'; allowed: trial, sweep"
+        )
     return raw
 
 

@@ -164,7 +164,9 @@ def _build(cls: type, config: Any, where: str) -> Any:
     if config is None:
         config = {}
     if not isinstance(config, dict):
-        raise UserError(f"config section '{where or 'top level'}' must be a mapping, got {config!r}")
+        raise UserError(
+            f"config section '{where or 'top level'}' must be a mapping, got {config!r}"
+        )
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(config) - set(fields))
@@ -184,9 +186,9 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, key)
     if origin is tuple:
@@ -239,17 +241,39 @@ def validate(cfg: TrialConfig) -> None:
     _choice("pruning.scope", p.scope, SCOPES)
     _choice("runtime.device", cfg.runtime.device, DEVICES)
     if d.dataset == "synthetic":
-        _check(d.synthetic.classes in (3, 4), "data.synthetic.classes", d.synthetic.classes, "3 or 4")
+        _check(
+            d.synthetic.classes in (3, 4), "data.synthetic.classes", d.synthetic.classes, "3 or 4"
+        )
     expected = d.synthetic.classes if d.dataset == "synthetic" else NUM_CLASSES.get(d.dataset)
     if d.num_classes is not None and expected is not None:
-        _check(d.num_classes == expected, "data.num_classes", d.num_classes,
-               f"{expected} for dataset '{d.dataset}' (or leave it unset)")
-    _check(d.classes >= 2, "data.num_classes", d.num_classes,
-           "at least 2 (required for dataset 'folder')")
-    _check(d.crop_size > 0 and d.crop_size % 32 == 0, "data.crop_size", d.crop_size, "a multiple of 32")
-    _check(d.eval_pad_to > 0 and d.eval_pad_to % 32 == 0, "data.eval_pad_to", d.eval_pad_to, "a multiple of 32")
+        _check(
+            d.num_classes == expected,
+            "data.num_classes",
+            d.num_classes,
+            f"{expected} for dataset '{d.dataset}' (or leave it unset)",
+        )
+    _check(
+        d.classes >= 2,
+        "data.num_classes",
+        d.num_classes,
+        "at least 2 (required for dataset 'folder')",
+    )
+    _check(
+        d.crop_size > 0 and d.crop_size % 32 == 0, "data.crop_size", d.crop_size, "a multiple of 32"
+    )
+    _check(
+        d.eval_pad_to > 0 and d.eval_pad_to % 32 == 0,
+        "data.eval_pad_to",
+        d.eval_pad_to,
+        "a multiple of 32",
+    )
     _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "between 0 and 1")
-    _check(0.0 < d.nea_test_fraction < 1.0, "data.nea_test_fraction", d.nea_test_fraction, "between 0 and 1")
+    _check(
+        0.0 < d.nea_test_fraction < 1.0,
+        "data.nea_test_fraction",
+        d.nea_test_fraction,
+        "between 0 and 1",
+    )
     _check(d.nea_block_size >= 1, "data.nea_block_size", d.nea_block_size, "at least 1")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more")
     _check(d.resize is None or d.resize >= 32, "data.resize", d.resize, "none or at least 32")
@@ -258,7 +282,9 @@ def validate(cfg: TrialConfig) -> None:
     _check(0.0 < o.base_lr <= o.max_lr, "optim.base_lr", o.base_lr, f"in (0, max_lr={o.max_lr}]")
     _check(o.half_cycle_iters >= 1, "optim.half_cycle_iters", o.half_cycle_iters, "at least 1")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "0 or more")
-    _check(cfg.loss.alpha >= 0 and cfg.loss.beta >= 0, "loss.alpha", cfg.loss.alpha, "alpha, beta >= 0")
+    _check(
+        cfg.loss.alpha >= 0 and cfg.loss.beta >= 0, "loss.alpha", cfg.loss.alpha, "alpha, beta >= 0"
+    )
     _check(cfg.loss.alpha + cfg.loss.beta > 0, "loss.beta", cfg.loss.beta, "alpha + beta > 0")
     if cfg.loss.class_weights is not None:
         _check(

@@ -1,1 +1,114 @@
 """Loading, generating, checking and augmenting segmentation data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from trainables.config import DataConfig
+from trainables.data.dataset import SegmentationDataset, eval_transform, train_transform
+from trainables.data.formats import (
+    CLASS_NAMES,
+    Item,
+    folder_dirs,
+    nea_items,
+    paired_items,
+    split_blocks,
+    sscs_dirs,
+)
+from trainables.data.synth import write_synthetic
+from trainables.errors import UserError
+
+
+@dataclass
+class Datasets:
+    train: SegmentationDataset
+    val: SegmentationDataset
+    test: SegmentationDataset
+    class_names: tuple[str, ...]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CORROPRUNE_CACHE", Path.home() / ".cache" / "corroprune"))
+
+
+def synthetic_root(cfg: DataConfig) -> Path:
+    """The synthetic set's folder: `cfg.root` if given, else a cache keyed by its parameters."""
+    if cfg.root:
+        return Path(cfg.root)
+    key = hashlib.sha1(json.dumps(asdict(cfg.synthetic), sort_keys=True).encode()).hexdigest()[:12]
+    return cache_root() / "synthetic" / key
+
+
+def class_names(root: Path | None, num_classes: int) -> tuple[str, ...]:
+    listed = root / "classes.txt" if root else None
+    if listed and listed.is_file():
+        names = tuple(line.strip() for line in listed.read_text().splitlines() if line.strip())
+        if len(names) != num_classes:
+            raise UserError(f"{listed} lists {len(names)} classes, expected {num_classes}")
+        return names
+    return CLASS_NAMES.get(num_classes, tuple(f"class{i}" for i in range(num_classes)))
+
+
+def split_items(cfg: DataConfig, split: str) -> list[Item]:
+    """The items of the dataset's own train or test split."""
+    if cfg.root is None and cfg.dataset != "synthetic":
+        raise UserError(f"dataset '{cfg.dataset}' needs --data-root (data.root)")
+    if cfg.dataset == "synthetic":
+        s = cfg.synthetic
+        root = write_synthetic(
+            synthetic_root(cfg),
+            train=s.train,
+            test=s.test,
+            size=s.size,
+            classes=s.classes,
+            seed=s.seed,
+        )
+        return paired_items(*folder_dirs(root, split))
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise UserError(f"data root not found: {root}")
+    if cfg.dataset == "folder":
+        return paired_items(*folder_dirs(root, split))
+    if cfg.dataset == "sscs":
+        return paired_items(*sscs_dirs(root, split, cfg.sscs_variant))
+    items = nea_items(root, cfg.nea_block_size)
+    test_blocks = split_blocks([it.group for it in items], cfg.nea_test_fraction)
+    return [it for it in items if (it.group in test_blocks) == (split == "test")]
+
+
+def train_val_split(items: list[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
+    """Seeded split by group (single images for most sets, frame blocks for NEA)."""
+    groups = sorted({it.group for it in items})
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(groups))
+    n_val = max(1, round(fraction * len(groups))) if len(groups) > 1 else 0
+    val_groups = {groups[i] for i in order[:n_val]}
+    return [it for it in items if it.group not in val_groups], [
+        it for it in items if it.group in val_groups
+    ]
+
+
+def build_datasets(cfg: DataConfig, seed: int) -> Datasets:
+    """Train (augmented) / val / test datasets; the test split is never touched by the split."""
+    train_items, test_items = split_items(cfg, "train"), split_items(cfg, "test")
+    if not train_items:
+        raise UserError(
+            f"no training images with masks found for dataset '{cfg.dataset}' ({cfg.root})"
+        )
+    if not test_items:
+        raise UserError(f"no test images with masks found for dataset '{cfg.dataset}' ({cfg.root})")
+    train, val = train_val_split(train_items, cfg.val_fraction, seed)
+    n = cfg.classes
+    root = synthetic_root(cfg) if cfg.dataset == "synthetic" else Path(cfg.root)
+    return Datasets(
+        train=SegmentationDataset(train, train_transform(cfg), n, seed=seed, cache=cfg.cache),
+        val=SegmentationDataset(val, eval_transform(cfg), n, seed=seed, cache=cfg.cache),
+        test=SegmentationDataset(test_items, eval_transform(cfg), n, seed=seed, cache=cfg.cache),
+        class_names=class_names(root if cfg.dataset == "folder" else None, n),
+    )

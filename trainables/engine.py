@@ -1,0 +1,193 @@
+"""One epoch of training or evaluation, the paper's optimiser and loss; no files, no Ray."""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from segmentation_models_pytorch.losses import TverskyLoss
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from trainables.config import LossConfig, OptimConfig, RuntimeConfig
+from trainables.data.dataset import IGNORE_INDEX
+from trainables.metrics import ConfusionMeter
+
+
+def build_loss(cfg: LossConfig) -> nn.Module:
+    """Tversky loss on logits; alpha weights false positives, beta false negatives."""
+    return TverskyLoss(
+        mode="multiclass",
+        alpha=cfg.alpha,
+        beta=cfg.beta,
+        ignore_index=IGNORE_INDEX,
+        class_weights=list(cfg.class_weights) if cfg.class_weights else None,
+    )
+
+
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.CyclicLR]:
+    """SGD with fixed momentum and a triangular cyclical LR stepped every iteration."""
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.CyclicLR(
+        optimizer,
+        base_lr=cfg.base_lr,
+        max_lr=cfg.max_lr,
+        step_size_up=cfg.half_cycle_iters,
+        mode="triangular",
+        cycle_momentum=False,  # the paper's momentum is a constant 0.5
+    )
+    return optimizer, scheduler
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from trainables.errors import UserError
+
+        raise UserError("runtime.device is 'cuda' but no CUDA device is available; use auto or cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, global_epoch: int) -> int:
+    """A seed per (run seed, epoch): a resumed run draws exactly what the uninterrupted one did."""
+    return (seed * 1_000_003 + global_epoch * 7919) % 2**31
+
+
+def pad_collate(
+    batch: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack images of different sizes by padding to the largest (mask padding is ignored)."""
+    h = max(img.shape[-2] for img, _ in batch)
+    w = max(img.shape[-1] for img, _ in batch)
+    images = torch.zeros(len(batch), batch[0][0].shape[0], h, w, dtype=batch[0][0].dtype)
+    masks = torch.full((len(batch), h, w), IGNORE_INDEX, dtype=torch.long)
+    for i, (img, mask) in enumerate(batch):
+        images[i, :, : img.shape[-2], : img.shape[-1]] = img
+        masks[i, : mask.shape[-2], : mask.shape[-1]] = mask
+    return images, masks  # (N, 3, H, W), (N, H, W)
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, *, train: bool, num_workers: int = 0, seed: int = 0
+) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train and len(dataset) > batch_size,  # a batch of 1 breaks BatchNorm
+        num_workers=num_workers,
+        collate_fn=pad_collate,
+        generator=generator,
+        persistent_workers=False,
+    )
+
+
+@dataclass
+class StepHooks:
+    """What pruning adds around an optimizer step (all optional)."""
+
+    after_backward: Any = None  # () -> None
+    before_step: Any = None  # () -> None
+    after_step: Any = None  # (optimizer) -> None
+
+
+def _progress(loader: DataLoader, desc: str, runtime: RuntimeConfig) -> Any:
+    show = runtime.progress and sys.stderr.isatty()
+    return tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+    *,
+    hooks: StepHooks | None = None,
+    runtime: RuntimeConfig | None = None,
+    desc: str = "train",
+) -> float:
+    """Mean training loss over the epoch; synchronises with the device once, at the end."""
+    hooks = hooks or StepHooks()
+    model.train()
+    total = torch.zeros((), device=device)
+    seen = 0
+    for images, masks in _progress(loader, desc, runtime or RuntimeConfig()):
+        images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(images), masks)  # logits (N, C, H, W), masks (N, H, W)
+        loss.backward()
+        if hooks.after_backward:
+            hooks.after_backward()
+        if hooks.before_step:
+            hooks.before_step()
+        optimizer.step()
+        if hooks.after_step:
+            hooks.after_step(optimizer)
+        scheduler.step()
+        total += loss.detach() * images.shape[0]
+        seen += images.shape[0]
+    return (total / max(seen, 1)).item()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    loss_fn: nn.Module,
+    num_classes: int,
+    device: torch.device,
+    runtime: RuntimeConfig | None = None,
+    desc: str = "eval",
+) -> dict[str, Any]:
+    """Loss and dataset-level IoU (one confusion matrix over the whole split)."""
+    model.eval()
+    meter = ConfusionMeter(num_classes, device, IGNORE_INDEX)
+    total = torch.zeros((), device=device)
+    seen = 0
+    for images, masks in _progress(loader, desc, runtime or RuntimeConfig()):
+        images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+        logits = model(images)
+        total += loss_fn(logits, masks) * images.shape[0]
+        seen += images.shape[0]
+        meter.update(logits, masks)
+    return {"loss": (total / max(seen, 1)).item(), **meter.compute()}
+
+
+@torch.no_grad()
+def predict_examples(
+    model: nn.Module, dataset: Dataset, count: int, device: torch.device
+) -> dict[str, np.ndarray]:
+    """The first `count` items: de-normalised image (K,H,W,3) uint8, truth and prediction (K,H,W)."""
+    model.eval()
+    items = [dataset[i] for i in range(min(count, len(dataset)))]
+    if not items:
+        return {}
+    images, masks = pad_collate(items)
+    preds = torch.cat(
+        [model(images[i : i + 1].to(device)).argmax(1).cpu() for i in range(len(items))]
+    )
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    rgb = ((images * std + mean).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1)
+    preds[masks == IGNORE_INDEX] = IGNORE_INDEX
+    return {"image": rgb.numpy(), "gt": masks.byte().numpy(), "pred": preds.byte().numpy()}

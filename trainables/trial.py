@@ -1,0 +1,386 @@
+"""One trial: train -> prune -> fine-tune, with per-epoch records, exact resume and final metrics."""
+
+from __future__ import annotations
+
+import json
+import platform
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from trainables import engine
+from trainables.checkpoint import (
+    append_jsonl,
+    load_checkpoint,
+    read_jsonl,
+    save_checkpoint,
+    write_json,
+    write_text,
+    write_yaml,
+)
+from trainables.config import TrialConfig
+from trainables.data import build_datasets
+from trainables.errors import UserError
+from trainables.models import build_model
+from trainables.pruning.masks import sparsity_stats
+from trainables.pruning.pruner import Pruner
+
+Reporter = Callable[[dict[str, Any]], None]
+EXAMPLES = 4  # test images whose predictions are kept for the report
+STAGES = ("train", "prune", "finetune")
+
+
+def stage_plan(cfg: TrialConfig, warm_start: bool) -> list[tuple[str, int]]:
+    """(stage, epochs) in order; a warm start skips the dense training stage."""
+    plan = [] if warm_start else [("train", cfg.stages.train_epochs)]
+    if cfg.pruned:
+        plan += [("prune", cfg.stages.prune_epochs), ("finetune", cfg.stages.finetune_epochs)]
+    return plan
+
+
+@dataclass
+class Position:
+    """Where a trial stands: the last completed epoch of a stage (epoch 0: stage not begun)."""
+
+    stage_index: int = 0
+    epoch: int = 0
+    global_epoch: int = 0
+    dense_test: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Trial:
+    """The state of one running trial: model, data, pruner and the files in its folder."""
+
+    def __init__(
+        self, cfg: TrialConfig, out: Path, warm_start: Path | None, reporter: Reporter | None
+    ):
+        self.cfg = cfg
+        self.out = out
+        self.ckpt_dir = out / "checkpoints"
+        self.reporter = reporter
+        self.warm_start = warm_start
+        self.plan = stage_plan(cfg, warm_start is not None)
+        self.device = engine.resolve_device(cfg.runtime.device)
+        engine.seed_everything(cfg.seed)
+        self.data = build_datasets(cfg.data, cfg.seed)
+        self.num_classes = cfg.data.classes
+        self.model = build_model(cfg.model, self.num_classes).to(self.device)
+        self.loss_fn = engine.build_loss(cfg.loss).to(self.device)
+        self.val_loader = self._loader(self.data.val, train=False)
+        self.test_loader = self._loader(self.data.test, train=False)
+        self.iters_per_epoch = len(self._loader(self.data.train, train=True))
+        if self.iters_per_epoch == 0:
+            raise UserError(f"the training split has no batches (size {len(self.data.train)})")
+        self.pruner: Pruner | None = None
+        if cfg.pruned:
+            self.pruner = Pruner(
+                cfg.pruning,
+                self.model,
+                prune_epochs=cfg.stages.prune_epochs,
+                iters_per_epoch=self.iters_per_epoch,
+            )
+
+    def _loader(self, dataset: Any, *, train: bool, seed: int = 0) -> torch.utils.data.DataLoader:
+        bs = self.cfg.optim.batch_size
+        return engine.make_loader(
+            dataset, bs, train=train, num_workers=self.cfg.data.num_workers, seed=seed
+        )
+
+    # ---- state ------------------------------------------------------------------------------
+
+    def restore(self) -> tuple[Position, dict[str, Any] | None]:
+        """Resume from checkpoints/last.pt, else warm-start from a dense checkpoint, else fresh."""
+        last = self.ckpt_dir / "last.pt"
+        if last.exists():
+            state = load_checkpoint(last)
+            self.model.load_state_dict(state["model"])
+            if self.pruner is not None and state.get("pruner") is not None:
+                self.pruner.load_state_dict(state["pruner"])
+            pos = Position(
+                state["stage_index"], state["epoch"], state["global_epoch"], state["dense_test"]
+            )
+            self._truncate_records(pos.global_epoch)
+            return pos, state
+        self._truncate_records(0)
+        if self.warm_start is not None:
+            state = load_checkpoint(self.warm_start)
+            if "model" not in state:
+                raise UserError(f"{self.warm_start} is not a corroprune checkpoint (no model)")
+            try:
+                self.model.load_state_dict(state["model"])
+            except RuntimeError as err:
+                raise UserError(
+                    f"dense checkpoint {self.warm_start} does not fit model "
+                    f"{self.cfg.model.arch}/{self.cfg.model.encoder}: {str(err).splitlines()[0]}"
+                ) from None
+            return Position(dense_test=state.get("dense_test") or self.test_metrics()), None
+        return Position(), None
+
+    def _truncate_records(self, global_epoch: int) -> None:
+        """Drop records written after the checkpoint we resume from (a crash between the two)."""
+        path = self.out / "metrics.jsonl"
+        records = read_jsonl(path)
+        kept = [r for r in records if r["global_epoch"] <= global_epoch]
+        if len(kept) != len(records) or (path.exists() and not records and global_epoch == 0):
+            write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def save(self, pos: Position, optimizer: Any, scheduler: Any) -> None:
+        state = {
+            "stage_index": pos.stage_index,
+            "epoch": pos.epoch,
+            "global_epoch": pos.global_epoch,
+            "dense_test": pos.dense_test,
+            "model": self.model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "pruner": self.pruner.state_dict() if self.pruner is not None else None,
+            "config": self.cfg.to_dict(),
+        }
+        save_checkpoint(state, self.ckpt_dir / "last.pt")
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        pos, state = self.restore()
+        for index in range(pos.stage_index, len(self.plan)):
+            stage, epochs = self.plan[index]
+            resume_state = state if index == pos.stage_index and pos.epoch > 0 else None
+            if index > pos.stage_index:
+                pos.stage_index, pos.epoch = index, 0
+            self.run_stage(stage, epochs, pos, resume_state)
+            if stage == "train":
+                pos.dense_test = self.test_metrics()
+                save_checkpoint(
+                    {
+                        "model": self.model.state_dict(),
+                        "dense_test": pos.dense_test,
+                        "config": self.cfg.to_dict(),
+                    },
+                    self.ckpt_dir / "dense.pt",
+                )
+        if pos.dense_test is None:  # no stages at all (0 training epochs): the model as built
+            pos.dense_test = self.test_metrics()
+        return self.finish(pos, time.perf_counter() - started)
+
+    def run_stage(self, stage: str, epochs: int, pos: Position, state: dict | None) -> None:
+        optimizer, scheduler = engine.build_optimizer(self.model, self.cfg.optim)
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        if stage == "finetune" and self.pruner is not None:
+            self.pruner.freeze()
+        if self.pruner is not None and stage != "train":
+            self.pruner.masks.apply()
+        hooks = self._hooks(stage)
+        for epoch in range(pos.epoch + 1, epochs + 1):
+            t0 = time.perf_counter()
+            seed = engine.epoch_seed(self.cfg.seed, pos.global_epoch + 1)
+            torch.manual_seed(seed)
+            self.data.train.set_epoch(pos.global_epoch + 1)
+            loader = self._loader(self.data.train, train=True, seed=seed)
+            desc = f"{stage} {epoch}/{epochs}"
+            train_loss = engine.train_one_epoch(
+                self.model,
+                loader,
+                self.loss_fn,
+                optimizer,
+                scheduler,
+                self.device,
+                hooks=hooks,
+                runtime=self.cfg.runtime,
+                desc=desc,
+            )
+            changed = False
+            if stage == "prune" and self.pruner is not None:
+                changed = self.pruner.end_of_epoch(epoch)
+            val = engine.evaluate(
+                self.model,
+                self.val_loader,
+                self.loss_fn,
+                self.num_classes,
+                self.device,
+                self.cfg.runtime,
+                desc=f"val {epoch}/{epochs}",
+            )
+            pos.epoch, pos.global_epoch = epoch, pos.global_epoch + 1
+            record = self._record(stage, epoch, pos, scheduler, train_loss, val, changed)
+            record["time_s"] = round(time.perf_counter() - t0, 4)
+            self.save(pos, optimizer, scheduler)
+            append_jsonl(self.out / "metrics.jsonl", record)
+            if self.reporter is not None:
+                self.reporter(record)
+
+    def _hooks(self, stage: str) -> engine.StepHooks:
+        if self.pruner is None or stage == "train":
+            return engine.StepHooks()
+        return engine.StepHooks(
+            after_backward=self.pruner.after_backward if stage == "prune" else None,
+            before_step=self.pruner.masks.mask_gradients,
+            after_step=self.pruner.after_step,
+        )
+
+    def _record(
+        self,
+        stage: str,
+        epoch: int,
+        pos: Position,
+        scheduler: Any,
+        train_loss: float,
+        val: dict[str, Any],
+        changed: bool,
+    ) -> dict[str, Any]:
+        target = 0.0
+        if self.pruner is not None and stage == "prune":
+            target = self.pruner.target_sparsity(epoch)
+        elif self.pruner is not None and stage == "finetune":
+            target = self.cfg.pruning.sparsity
+        return {
+            "stage": stage,
+            "epoch": epoch,
+            "global_epoch": pos.global_epoch,
+            "lr": scheduler.get_last_lr()[0],
+            "train_loss": train_loss,
+            "val_loss": val["loss"],
+            "val_miou": val["miou"],
+            "val_miou_corrosion": val["miou_corrosion"],
+            "val_iou": val["iou"],
+            "target_sparsity": target,
+            **self._sparsity(),
+            "mask_updated": changed,
+        }
+
+    def _sparsity(self) -> dict[str, Any]:
+        return sparsity_stats(self.model, self.pruner.masks if self.pruner is not None else None)
+
+    def test_metrics(self) -> dict[str, Any]:
+        test = engine.evaluate(
+            self.model,
+            self.test_loader,
+            self.loss_fn,
+            self.num_classes,
+            self.device,
+            self.cfg.runtime,
+            desc="test",
+        )
+        return {
+            "test_loss": test["loss"],
+            "test_miou": test["miou"],
+            "test_miou_corrosion": test["miou_corrosion"],
+            "test_iou": test["iou"],
+        }
+
+    def finish(self, pos: Position, wall_time: float) -> dict[str, Any]:
+        pruned = self.test_metrics() if self.cfg.pruned else None
+        final_state = {"model": self.model.state_dict(), "config": self.cfg.to_dict()}
+        if self.pruner is not None:
+            final_state["masks"] = self.pruner.masks.state_dict()
+        save_checkpoint(final_state, self.ckpt_dir / "final.pt")
+        examples = engine.predict_examples(self.model, self.data.test, EXAMPLES, self.device)
+        if examples:
+            np.savez_compressed(self.out / "examples.npz", **examples)
+        result = {
+            "class_names": list(self.data.class_names),
+            "dense": pos.dense_test,
+            "pruned": pruned,
+            **self._sparsity(),
+            "wall_time_s": round(wall_time, 3),
+            "warm_start": str(self.warm_start) if self.warm_start else None,
+        }
+        write_json(self.out / "final.json", result)
+        if self.reporter is not None:
+            summary = pruned or pos.dense_test
+            self.reporter(
+                {
+                    "done": True,
+                    "test_miou": summary["test_miou"],
+                    "test_miou_corrosion": summary["test_miou_corrosion"],
+                    "dense_test_miou": pos.dense_test["test_miou"],
+                    "achieved_sparsity": result["achieved_sparsity"],
+                }
+            )
+        return result
+
+
+def environment(cfg: TrialConfig, meta: dict[str, Any] | None) -> dict[str, Any]:
+    versions = {"python": platform.python_version()}
+    for pkg in (
+        "corroprune",
+        "torch",
+        "segmentation-models-pytorch",
+        "timm",
+        "albumentations",
+        "numpy",
+        "ray",
+    ):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    device = engine.resolve_device(cfg.runtime.device)
+    return {
+        "seed": cfg.seed,
+        "versions": versions,
+        "hostname": socket.gethostname(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        **(meta or {}),
+    }
+
+
+def _check_same_config(out: Path, cfg: TrialConfig) -> None:
+    import yaml
+
+    path = out / "config.yaml"
+    if not path.exists():
+        return
+    existing = yaml.safe_load(path.read_text())
+    if existing != cfg.to_dict():
+        raise UserError(
+            f"{out} already holds a run with a different configuration ({path}); "
+            "resume it with the same settings or choose a new --out"
+        )
+
+
+def run_trial(
+    cfg: TrialConfig,
+    out_dir: Path,
+    *,
+    warm_start: Path | None = None,
+    reporter: Reporter | None = None,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume, or return the stored result of) one trial in `out_dir`."""
+    out = Path(out_dir).resolve()
+    final = out / "final.json"
+    if final.exists():
+        return json.loads(final.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    _check_same_config(out, cfg)
+    write_yaml(out / "config.yaml", cfg.to_dict())
+    write_json(out / "env.json", environment(cfg, meta))
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    return Trial(cfg, out, Path(warm_start).resolve() if warm_start else None, reporter).run()
+
+
+def model_from_checkpoint(path: Path) -> tuple[nn.Module, TrialConfig]:
+    """The model stored in a corroprune checkpoint (dense.pt, final.pt, last.pt), masks applied."""
+    state = load_checkpoint(path)
+    if "config" not in state or "model" not in state:
+        raise UserError(f"{path} is not a corroprune checkpoint (no config/model)")
+    cfg = TrialConfig.from_dict(state["config"]).replace(model={"encoder_weights": None})
+    model = build_model(cfg.model, cfg.data.classes)
+    model.load_state_dict(state["model"])
+    return model, cfg
