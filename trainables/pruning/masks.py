@@ -29,6 +29,24 @@ def _ranked(score: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     )
 
 
+def keep_top(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean keep-mask with exactly the `k` lowest entries dropped (ties broken by position).
+
+    A k-th value threshold is O(n), unlike a full sort: MA-Net's 38M-weight convolutions matter.
+    """
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    if k <= 0:
+        return keep
+    if k >= flat.numel():
+        return ~keep
+    threshold = flat.kthvalue(k).values  # (,)
+    below = flat < threshold
+    ties = torch.nonzero(flat == threshold).flatten()
+    keep[below] = False
+    keep[ties[: k - int(below.sum())]] = False
+    return keep
+
+
 def layer_masks(
     scores: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], sparsity: float
 ) -> dict[str, torch.Tensor]:
@@ -36,11 +54,7 @@ def layer_masks(
     out = {}
     for name, score in scores.items():
         flat = _ranked(score, masks[name]).flatten()
-        k = min(round(sparsity * flat.numel()), flat.numel())
-        keep = torch.ones_like(flat, dtype=torch.bool)
-        if k > 0:
-            keep[torch.argsort(flat, stable=True)[:k]] = False
-        out[name] = keep.view_as(score)
+        out[name] = keep_top(flat, round(sparsity * flat.numel())).view_as(score)
     return out
 
 
@@ -50,10 +64,7 @@ def global_masks(
     """One ranking across all tensors: exactly round(sparsity * total) entries set to False."""
     names = list(scores)
     flat = torch.cat([_ranked(scores[n], masks[n]).flatten().cpu() for n in names])
-    k = min(round(sparsity * flat.numel()), flat.numel())
-    keep = torch.ones_like(flat, dtype=torch.bool)
-    if k > 0:
-        keep[torch.argsort(flat, stable=True)[:k]] = False
+    keep = keep_top(flat, round(sparsity * flat.numel()))
     out, offset = {}, 0
     for n in names:
         size = scores[n].numel()
