@@ -68,7 +68,12 @@ def _check_pairs(images_dir: Path, masks_dir: Path, num_classes: int) -> list[Pr
             problems.append(Problem(masks[stem], str(err).split(": ", 1)[-1]))
             continue
         if mask.shape != image.shape[:2]:
-            problems.append(Problem(masks[stem], f"mask size {mask.shape[::-1]} differs from image size {image.shape[1::-1]}"))
+            problems.append(
+                Problem(
+                    masks[stem],
+                    f"mask size {mask.shape[::-1]} differs from image size {image.shape[1::-1]}",
+                )
+            )
     return problems
 
 
@@ -113,7 +118,7 @@ def _masks(root: Path, fmt: str, sscs_variant: str, n: int) -> list[tuple[str, n
     if fmt == "nea":
         return [("all", load_item(it, n)[1]) for it in nea_items(root, block_size=1)]
     out = []
-    for split, images, masks in _pair_dirs(root, fmt, sscs_variant):
+    for split, _, masks in _pair_dirs(root, fmt, sscs_variant):
         if not masks.is_dir():
             raise UserError(f"expected folder {masks}")
         for path in _images(masks).values():
@@ -130,11 +135,18 @@ def class_distribution(
         raise UserError(f"data root not found: {root}")
     counts: dict[str, np.ndarray] = {}
     for split, mask in _masks(Path(root), fmt, sscs_variant, n):
-        counts[split] = counts.get(split, np.zeros(n, np.int64)) + np.bincount(mask.ravel(), minlength=n)[:n]
+        counts[split] = (
+            counts.get(split, np.zeros(n, np.int64)) + np.bincount(mask.ravel(), minlength=n)[:n]
+        )
     names = CLASS_NAMES.get(n, tuple(f"class{i}" for i in range(n)))
     rows = [
-        {"split": split, "class_id": c, "class_name": names[c], "pixels": int(total[c]),
-         "percent": 100.0 * total[c] / max(total.sum(), 1)}
+        {
+            "split": split,
+            "class_id": c,
+            "class_name": names[c],
+            "pixels": int(total[c]),
+            "percent": 100.0 * total[c] / max(total.sum(), 1),
+        }
         for split, total in counts.items()
         for c in range(n)
     ]

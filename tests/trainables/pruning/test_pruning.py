@@ -10,7 +10,7 @@ from torch import nn
 
 from trainables.config import PruningConfig
 from trainables.pruning.importance import movement_score, taylor_score
-from trainables.pruning.masks import MaskSet, global_masks, layer_masks, prunable_parameters
+from trainables.pruning.masks import global_masks, layer_masks, prunable_parameters
 from trainables.pruning.pruner import Pruner
 from trainables.pruning.schedules import agp_sparsity, cubic_sparsity, linear_sparsity
 
