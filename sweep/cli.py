@@ -159,7 +159,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def summary_line(result: dict[str, Any], out: Path) -> str:
     dense = result["dense"]
     lines = [
-        f"dense test mIoU {dense['test_miou']:.4f} (corrosion classes {dense['test_miou_corrosion']:.4f})"
+        f"dense test mIoU {dense['test_miou']:.4f} (corrosion classes "
+        f"{dense['test_miou_corrosion']:.4f}); predicting all background would score "
+        f"{dense['test_all_background_miou']:.4f}"
     ]
     if result.get("pruned"):
         p = result["pruned"]

@@ -37,7 +37,14 @@ def nanmean(values: list[float]) -> float:
 def summarize(cm: torch.Tensor) -> dict[str, float | list[float]]:
     """mIoU over all classes and over corrosion classes (all but class 0), plus per-class IoU."""
     iou = iou_per_class(cm)
-    return {"miou": nanmean(iou), "miou_corrosion": nanmean(iou[1:]), "iou": iou}
+    # Predicting background everywhere: IoU of class 0 is its pixel share, every other class 0.
+    background_share = float(cm[0].sum()) / max(float(cm.sum()), 1.0)
+    return {
+        "miou": nanmean(iou),
+        "miou_corrosion": nanmean(iou[1:]),
+        "iou": iou,
+        "all_background_miou": background_share / cm.shape[0],
+    }
 
 
 class ConfusionMeter:

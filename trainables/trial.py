@@ -278,6 +278,7 @@ class Trial:
             "test_miou": test["miou"],
             "test_miou_corrosion": test["miou_corrosion"],
             "test_iou": test["iou"],
+            "test_all_background_miou": test["all_background_miou"],
         }
 
     def finish(self, pos: Position, wall_time: float) -> dict[str, Any]:
@@ -302,7 +303,7 @@ class Trial:
             summary = pruned or pos.dense_test
             self.reporter(
                 {
-                    "done": True,
+                    "final": True,
                     "test_miou": summary["test_miou"],
                     "test_miou_corrosion": summary["test_miou_corrosion"],
                     "dense_test_miou": pos.dense_test["test_miou"],

@@ -20,6 +20,7 @@ def test_iou_matches_hand_computation() -> None:
     result = summarize(cm)
     assert math.isclose(result["miou"], (0.5 + 2 / 3 + 0.5) / 3)
     assert math.isclose(result["miou_corrosion"], (2 / 3 + 0.5) / 2)
+    assert math.isclose(result["all_background_miou"], (3 / 7) / 3)  # 3 of 7 pixels are class 0
 
 
 def test_meter_accumulates_over_batches_like_one_big_batch() -> None:

@@ -1,0 +1,129 @@
+"""The sweep's grid: dense base trials per (dataset, model), pruned trials per combination. No Ray."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainables.config import ARCHS, DATASETS, PRUNERS, TrialConfig, merge
+from trainables.errors import UserError
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    datasets: tuple[str, ...] = ("sscs", "nea")
+    models: tuple[str, ...] = ARCHS
+    pruners: tuple[str, ...] = ("lp", "agp", "mp")
+    sparsities: tuple[float, ...] = (0.2, 0.5, 0.9)
+    cpus_per_trial: float = 4
+    gpus_per_trial: float = 1
+    max_concurrent: int = 0  # 0: as many as resources allow
+    max_failures: int = 2  # retries of a crashed trial, each from its own last checkpoint
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any] | None) -> SweepConfig:
+        config = dict(config or {})
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - fields)
+        if unknown:
+            raise UserError(f"unknown sweep key '{unknown[0]}'; allowed: {', '.join(sorted(fields))}")
+        for key in ("datasets", "models", "pruners", "sparsities"):
+            if key in config:
+                value = config[key]
+                config[key] = tuple(value.split(",") if isinstance(value, str) else value)
+        cfg = cls(**config)
+        _check_choices("datasets", cfg.datasets, DATASETS)
+        _check_choices("models", cfg.models, ARCHS)
+        _check_choices("pruners", cfg.pruners, tuple(p for p in PRUNERS if p != "none"))
+        cfg = dataclasses.replace(cfg, sparsities=tuple(float(s) for s in cfg.sparsities))
+        if not all(0 < s < 1 for s in cfg.sparsities):
+            raise UserError(f"sweep.sparsities {cfg.sparsities}: each must be in (0, 1)")
+        if cfg.cpus_per_trial <= 0 or cfg.gpus_per_trial < 0 or cfg.max_concurrent < 0:
+            raise UserError("sweep: cpus_per_trial must be > 0, gpus_per_trial and max_concurrent >= 0")
+        return cfg
+
+
+def _check_choices(key: str, values: tuple, allowed: tuple) -> None:
+    bad = [v for v in values if v not in allowed]
+    if bad or not values:
+        raise UserError(f"sweep.{key} {list(values)}: allowed values are {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One Ray trial: its name, resolved trial config, folder and (for pruned trials) its base."""
+
+    name: str
+    config: dict[str, Any]
+    out_dir: str
+    base: str | None = None  # the dense trial whose checkpoint warm-starts this one
+
+    @property
+    def warm_start(self) -> str | None:
+        if self.base is None:
+            return None
+        return str(Path(self.out_dir).parent / self.base / "checkpoints" / "dense.pt")
+
+    def as_param(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "warm_start": self.warm_start}
+
+
+def dense_name(dataset: str, model: str) -> str:
+    return f"{dataset}-{model}-dense"
+
+
+def pruned_name(dataset: str, model: str, pruner: str, sparsity: float) -> str:
+    return f"{dataset}-{model}-{pruner}-s{sparsity:g}"
+
+
+def _trial_config(template: dict[str, Any], dataset: str, roots: dict[str, str], **sections: Any) -> dict:
+    data: dict[str, Any] = {"dataset": dataset}
+    if dataset != "folder":
+        data["num_classes"] = None  # resolved from the dataset
+    if dataset in roots:
+        data["root"] = roots[dataset]
+    elif dataset != "synthetic":
+        raise UserError(f"dataset '{dataset}' needs a data root: --data-root {dataset}=/path")
+    config = merge(template, {"data": data, **sections})
+    return TrialConfig.from_dict(config).to_dict()
+
+
+def expand(
+    sweep: SweepConfig, template: dict[str, Any], run_dir: Path, roots: dict[str, str]
+) -> tuple[list[TrialSpec], list[TrialSpec]]:
+    """Stage 1 (dense per dataset and model) and stage 2 (every pruner and sparsity) trials."""
+    trials_dir = Path(run_dir).resolve() / "trials"
+    dense, pruned = [], []
+    for dataset in sweep.datasets:
+        for model in sweep.models:
+            base = dense_name(dataset, model)
+            config = _trial_config(template, dataset, roots, model={"arch": model},
+                                   pruning={"pruner": "none", "sparsity": 0.0})
+            dense.append(TrialSpec(base, config, str(trials_dir / base)))
+            for pruner in sweep.pruners:
+                for sparsity in sweep.sparsities:
+                    name = pruned_name(dataset, model, pruner, sparsity)
+                    config = _trial_config(template, dataset, roots, model={"arch": model},
+                                           pruning={"pruner": pruner, "sparsity": sparsity})
+                    pruned.append(TrialSpec(name, config, str(trials_dir / name), base=base))
+    return dense, pruned
+
+
+def parse_roots(values: list[str], datasets: tuple[str, ...]) -> dict[str, str]:
+    """`--data-root sscs=/a nea=/b`, or one bare path when the sweep has one dataset."""
+    roots: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep:
+            real = [d for d in datasets if d != "synthetic"]
+            if len(real) != 1:
+                raise UserError(f"--data-root {value}: name the dataset (e.g. sscs={value}) when the sweep has several")
+            name, path = real[0], value
+        if name not in DATASETS:
+            raise UserError(f"--data-root {value}: unknown dataset '{name}'; allowed: {', '.join(DATASETS)}")
+        if not Path(path).is_dir():
+            raise UserError(f"--data-root {value}: folder not found: {path}")
+        roots[name] = str(Path(path).resolve())
+    return roots

@@ -1,0 +1,51 @@
+"""Grid expansion and sweep settings, without Ray."""
+
+from pathlib import Path
+
+import pytest
+
+from sweep.config import load_preset
+from sweep.grid import SweepConfig, expand, parse_roots
+from trainables.errors import UserError
+
+
+def test_paper_preset_is_ten_plus_ninety_trials(tmp_path: Path) -> None:
+    preset = load_preset("paper")
+    sweep = SweepConfig.from_dict(preset["sweep"])
+    roots = {"sscs": str(tmp_path), "nea": str(tmp_path)}
+    dense, pruned = expand(sweep, preset["trial"], tmp_path, roots)
+    assert len(dense) == 10 and len(pruned) == 90
+    assert len({s.name for s in dense + pruned}) == 100
+    nea = next(s for s in pruned if s.name == "nea-fpn-agp-s0.9")
+    assert nea.base == "nea-fpn-dense" and nea.warm_start.endswith(
+        "nea-fpn-dense/checkpoints/dense.pt"
+    )
+    assert nea.config["data"]["dataset"] == "nea" and nea.config["data"]["root"] == str(tmp_path)
+    assert nea.config["pruning"] == {**nea.config["pruning"], "pruner": "agp", "sparsity": 0.9}
+    assert all(s.config["pruning"]["pruner"] == "none" for s in dense)
+
+
+def test_demo_preset_is_the_full_shape_on_synthetic_data(tmp_path: Path) -> None:
+    preset = load_preset("demo")
+    dense, pruned = expand(SweepConfig.from_dict(preset["sweep"]), preset["trial"], tmp_path, {})
+    assert (len(dense), len(pruned)) == (5, 45)
+
+
+def test_sweep_settings_reject_unknown_keys_and_values() -> None:
+    with pytest.raises(UserError, match="unknown sweep key 'gpu'"):
+        SweepConfig.from_dict({"gpu": 1})
+    with pytest.raises(UserError, match="allowed values are unet"):
+        SweepConfig.from_dict({"models": ["deeplab"]})
+    with pytest.raises(UserError, match="in \\(0, 1\\)"):
+        SweepConfig.from_dict({"sparsities": [1.0]})
+
+
+def test_data_roots_are_named_and_checked(tmp_path: Path) -> None:
+    assert parse_roots([f"sscs={tmp_path}"], ("sscs", "nea")) == {"sscs": str(tmp_path)}
+    assert parse_roots([str(tmp_path)], ("sscs",)) == {"sscs": str(tmp_path)}
+    with pytest.raises(UserError, match="name the dataset"):
+        parse_roots([str(tmp_path)], ("sscs", "nea"))
+    with pytest.raises(UserError, match="folder not found"):
+        parse_roots([f"nea={tmp_path / 'x'}"], ("nea",))
+    with pytest.raises(UserError, match="needs a data root"):
+        expand(SweepConfig.from_dict({"datasets": ["sscs"]}), {}, tmp_path, {})

@@ -1,0 +1,70 @@
+"""The Ray Tune trainable: one trial spec in, `run_trial` with a reporter that calls tune.report."""
+
+from __future__ import annotations
+
+import math
+import traceback
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+
+from trainables.checkpoint import write_text
+from trainables.config import TrialConfig
+from trainables.trial import run_trial
+
+
+class InjectedFault(RuntimeError):
+    """Raised once by `fault_after_epoch`, for tests of the sweep's fault tolerance."""
+
+
+def _scalars(record: dict[str, Any]) -> dict[str, Any]:
+    """Tune wants flat scalars: lists become one key per item; NaN stays NaN."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if isinstance(value, list):
+            out.update({f"{key}_{i}": v for i, v in enumerate(value)})
+        elif isinstance(value, bool | int | float | str) or value is None:
+            out[key] = value
+    return out
+
+
+def _reporter(out_dir: Path, fault_after_epoch: int | None):
+    marker = out_dir / "injected_fault.done"
+
+    def report(record: dict[str, Any]) -> None:
+        tune.report(_scalars(record))
+        epoch = record.get("global_epoch")
+        if fault_after_epoch is not None and epoch == fault_after_epoch and not marker.exists():
+            marker.write_text("the injected fault fired here once\n")
+            raise InjectedFault(f"injected fault after epoch {epoch}")
+
+    return report
+
+
+def train_trial(config: dict[str, Any]) -> None:
+    """Ray entry: `config["trial"]` is a `TrialSpec.as_param()` dict (plus test-only keys)."""
+    spec = config["trial"]
+    cfg = TrialConfig.from_dict(spec["config"])
+    out_dir = Path(spec["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    torch.set_num_threads(max(1, math.floor(cpus)))
+    context = ray.get_runtime_context()
+    meta = {
+        "node_ip": ray.util.get_node_ip_address(),
+        "node_id": context.get_node_id(),
+        "trial_id": tune.get_context().get_trial_id(),
+        "trial_cpus": cpus,
+        "trial_gpus": context.get_assigned_resources().get("GPU", 0.0),
+    }
+    warm = Path(spec["warm_start"]) if spec.get("warm_start") else None
+    try:
+        run_trial(cfg, out_dir, warm_start=warm,
+                  reporter=_reporter(out_dir, spec.get("fault_after_epoch")), meta=meta)
+    except BaseException as err:
+        write_text(out_dir / "error.txt", f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
+        raise
+    (out_dir / "error.txt").unlink(missing_ok=True)
