@@ -28,7 +28,9 @@ class SweepConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(config) - fields)
         if unknown:
-            raise UserError(f"unknown sweep key '{unknown[0]}'; allowed: {', '.join(sorted(fields))}")
+            raise UserError(
+                f"unknown sweep key '{unknown[0]}'; allowed: {', '.join(sorted(fields))}"
+            )
         for key in ("datasets", "models", "pruners", "sparsities"):
             if key in config:
                 value = config[key]
@@ -41,7 +43,9 @@ class SweepConfig:
         if not all(0 < s < 1 for s in cfg.sparsities):
             raise UserError(f"sweep.sparsities {cfg.sparsities}: each must be in (0, 1)")
         if cfg.cpus_per_trial <= 0 or cfg.gpus_per_trial < 0 or cfg.max_concurrent < 0:
-            raise UserError("sweep: cpus_per_trial must be > 0, gpus_per_trial and max_concurrent >= 0")
+            raise UserError(
+                "sweep: cpus_per_trial must be > 0, gpus_per_trial and max_concurrent >= 0"
+            )
         return cfg
 
 
@@ -78,7 +82,9 @@ def pruned_name(dataset: str, model: str, pruner: str, sparsity: float) -> str:
     return f"{dataset}-{model}-{pruner}-s{sparsity:g}"
 
 
-def _trial_config(template: dict[str, Any], dataset: str, roots: dict[str, str], **sections: Any) -> dict:
+def _trial_config(
+    template: dict[str, Any], dataset: str, roots: dict[str, str], **sections: Any
+) -> dict:
     data: dict[str, Any] = {"dataset": dataset}
     if dataset != "folder":
         data["num_classes"] = None  # resolved from the dataset
@@ -99,14 +105,24 @@ def expand(
     for dataset in sweep.datasets:
         for model in sweep.models:
             base = dense_name(dataset, model)
-            config = _trial_config(template, dataset, roots, model={"arch": model},
-                                   pruning={"pruner": "none", "sparsity": 0.0})
+            config = _trial_config(
+                template,
+                dataset,
+                roots,
+                model={"arch": model},
+                pruning={"pruner": "none", "sparsity": 0.0},
+            )
             dense.append(TrialSpec(base, config, str(trials_dir / base)))
             for pruner in sweep.pruners:
                 for sparsity in sweep.sparsities:
                     name = pruned_name(dataset, model, pruner, sparsity)
-                    config = _trial_config(template, dataset, roots, model={"arch": model},
-                                           pruning={"pruner": pruner, "sparsity": sparsity})
+                    config = _trial_config(
+                        template,
+                        dataset,
+                        roots,
+                        model={"arch": model},
+                        pruning={"pruner": pruner, "sparsity": sparsity},
+                    )
                     pruned.append(TrialSpec(name, config, str(trials_dir / name), base=base))
     return dense, pruned
 
@@ -119,10 +135,14 @@ def parse_roots(values: list[str], datasets: tuple[str, ...]) -> dict[str, str]:
         if not sep:
             real = [d for d in datasets if d != "synthetic"]
             if len(real) != 1:
-                raise UserError(f"--data-root {value}: name the dataset (e.g. sscs={value}) when the sweep has several")
+                raise UserError(
+                    f"--data-root {value}: name the dataset (e.g. sscs={value}) when the sweep has several"
+                )
             name, path = real[0], value
         if name not in DATASETS:
-            raise UserError(f"--data-root {value}: unknown dataset '{name}'; allowed: {', '.join(DATASETS)}")
+            raise UserError(
+                f"--data-root {value}: unknown dataset '{name}'; allowed: {', '.join(DATASETS)}"
+            )
         if not Path(path).is_dir():
             raise UserError(f"--data-root {value}: folder not found: {path}")
         roots[name] = str(Path(path).resolve())

@@ -28,6 +28,10 @@ class SweepRequest:
     address: str | None = None
 
 
+def _name(trial: Any) -> str:
+    return trial.config.get("trial", {}).get("name", trial.trial_id)
+
+
 def _progress_callback(stage: str, total: int) -> Any:
     from ray import tune
 
@@ -43,22 +47,25 @@ def _progress_callback(stage: str, total: int) -> Any:
             running = sum(t.status == "RUNNING" for t in trials)
             best = f"best test mIoU {self.best[0]:.4f} ({self.best[1]})" if self.best else ""
             elapsed = time.monotonic() - self.started
-            print(f"[{stage} {elapsed:6.0f}s] {event:<40} done {self.done}/{total} running "
-                  f"{running} failed {self.failed}  {best}", flush=True)
+            print(
+                f"[{stage} {elapsed:6.0f}s] {event:<40} done {self.done}/{total} running "
+                f"{running} failed {self.failed}  {best}",
+                flush=True,
+            )
 
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
             if result.get("final") and result.get("test_miou") is not None:
                 score = float(result["test_miou"])
                 if self.best is None or score > self.best[0]:
-                    self.best = (score, trial.config["trial"]["name"])
+                    self.best = (score, _name(trial))
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
             self.done += 1
-            self._line(trials, f"finished {trial.config['trial']['name']}")
+            self._line(trials, f"finished {_name(trial)}")
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
             self.failed += 1
-            self._line(trials, f"FAILED {trial.config['trial']['name']}")
+            self._line(trials, f"FAILED {_name(trial)}")
 
     return Progress()
 
@@ -79,13 +86,18 @@ def run_stage(
         return {}
     trainable = tune.with_resources(train_trial, {"cpu": sweep.cpus_per_trial, "gpu": gpus})
     path = run_dir / name
+    space = {"trial": tune.grid_search(specs)}
     if tune.Tuner.can_restore(str(path)):
         print(f"[{name}] resuming the unfinished stage from {path}", flush=True)
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+        # The same space again: a driver killed before its first trial started leaves no
+        # resolved trial configs behind.
+        tuner = tune.Tuner.restore(
+            str(path), trainable=trainable, resume_errored=True, param_space=space
+        )
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"trial": tune.grid_search(specs)},
+            param_space=space,
             tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent or None),
             run_config=tune.RunConfig(
                 name=name,
@@ -98,7 +110,9 @@ def run_stage(
     grid = tuner.fit()
     outcome: dict[str, str | None] = {}
     for result in grid:
-        trial_name = result.config["trial"]["name"]
+        trial_name = result.config.get("trial", {}).get("name")
+        if trial_name is None:
+            continue
         outcome[trial_name] = None if result.error is None else str(result.error).splitlines()[0]
     for spec in specs:  # trials Tune never reported (e.g. a stage restored mid-way)
         if spec["name"] not in outcome:
@@ -112,8 +126,11 @@ def _gpus_per_trial(requested: float) -> float:
 
     available = ray.cluster_resources().get("GPU", 0.0)
     if requested > 0 and available == 0:
-        print(f"warning: no GPU in the Ray cluster: running trials with 0 GPUs instead of {requested}",
-              file=sys.stderr, flush=True)
+        print(
+            f"warning: no GPU in the Ray cluster: running trials with 0 GPUs instead of {requested}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 0.0
     return requested
 
@@ -138,15 +155,20 @@ def run_sweep(request: SweepRequest) -> dict[str, Any]:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     _init_ray(request.address)
     gpus = _gpus_per_trial(request.sweep.gpus_per_trial)
-    print(f"sweep '{request.preset}': {len(dense)} dense + {len(pruned)} pruned trials in {run_dir}",
-          flush=True)
+    print(
+        f"sweep '{request.preset}': {len(dense)} dense + {len(pruned)} pruned trials in {run_dir}",
+        flush=True,
+    )
     stage1 = run_stage(STAGES[0], [s.as_param() for s in dense], run_dir, request.sweep, gpus)
     failed_bases = {name: err for name, err in stage1.items() if err}
     runnable = [s for s in pruned if s.base not in failed_bases]
     dropped = [s.name for s in pruned if s.base in failed_bases]
     for base, err in failed_bases.items():
-        print(f"base model {base} failed ({err}); dropping its "
-              f"{sum(s.base == base for s in pruned)} combinations", flush=True)
+        print(
+            f"base model {base} failed ({err}); dropping its "
+            f"{sum(s.base == base for s in pruned)} combinations",
+            flush=True,
+        )
     stage2 = run_stage(STAGES[1], [s.as_param() for s in runnable], run_dir, request.sweep, gpus)
     status = {
         "preset": request.preset,
@@ -165,7 +187,9 @@ def _write_sweep_file(request: SweepRequest, run_dir: Path) -> None:
 
     resolved = {
         "preset": request.preset,
-        "sweep": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(request.sweep).items()},
+        "sweep": {
+            k: list(v) if isinstance(v, tuple) else v for k, v in asdict(request.sweep).items()
+        },
         "trial": request.template,
         "data_roots": request.roots,
     }
@@ -198,5 +222,6 @@ def summary(run_dir: Path, specs: list[TrialSpec], status: dict[str, Any]) -> st
         rows.append(f"  {spec.name:<40} {text}")
     finished = sum(err is None for stage in ("dense", "pruned") for err in status[stage].values())
     total = len(specs)
-    return "\n".join([f"test mIoU per trial ({finished}/{total} finished):", *rows,
-                      f"results in {run_dir}"])
+    return "\n".join(
+        [f"test mIoU per trial ({finished}/{total} finished):", *rows, f"results in {run_dir}"]
+    )

@@ -17,24 +17,47 @@ def add_sweep_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", help="comma-separated subset of unet,unetplusplus,fpn,linknet,manet")
     p.add_argument("--pruners", help="comma-separated subset of lp,agp,mp,magnitude")
     p.add_argument("--sparsities", help="comma-separated, e.g. 0.2,0.5,0.9")
-    p.add_argument("--data-root", action="append", default=[], metavar="[DATASET=]PATH",
-                   help="dataset folder, e.g. --data-root sscs=/data/sscs (repeatable)")
-    p.add_argument("--out", type=Path, required=True, help="RUN_DIR: results, checkpoints, Ray state")
+    p.add_argument(
+        "--data-root",
+        action="append",
+        default=[],
+        metavar="[DATASET=]PATH",
+        help="dataset folder, e.g. --data-root sscs=/data/sscs (repeatable)",
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, help="RUN_DIR: results, checkpoints, Ray state"
+    )
     p.add_argument("--address", help="Ray cluster address (default: a local Ray on this machine)")
     p.add_argument("--gpus-per-trial", type=float)
     p.add_argument("--cpus-per-trial", type=float)
     p.add_argument("--max-concurrent", type=int)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a trial config field for every trial, e.g. --set stages.train_epochs=10")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a trial config field for every trial, e.g. --set stages.train_epochs=10",
+    )
     p.set_defaults(func=cmd_sweep)
 
 
 def add_demo_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the full 5x3x3 sweep on synthetic data, in CPU minutes")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.set_defaults(func=cmd_demo, preset="demo", datasets=None, models=None, pruners=None,
-                   sparsities=None, data_root=[], address=None, gpus_per_trial=None,
-                   cpus_per_trial=None, max_concurrent=None, set=[])
+    p.set_defaults(
+        func=cmd_demo,
+        preset="demo",
+        datasets=None,
+        models=None,
+        pruners=None,
+        sparsities=None,
+        data_root=[],
+        address=None,
+        gpus_per_trial=None,
+        cpus_per_trial=None,
+        max_concurrent=None,
+        set=[],
+    )
 
 
 def build_request(args: argparse.Namespace):
@@ -43,9 +66,13 @@ def build_request(args: argparse.Namespace):
     preset = load_preset(args.preset)
     raw = dict(preset.get("sweep") or {})
     flags = {
-        "datasets": args.datasets, "models": args.models, "pruners": args.pruners,
-        "sparsities": args.sparsities, "gpus_per_trial": args.gpus_per_trial,
-        "cpus_per_trial": args.cpus_per_trial, "max_concurrent": args.max_concurrent,
+        "datasets": args.datasets,
+        "models": args.models,
+        "pruners": args.pruners,
+        "sparsities": args.sparsities,
+        "gpus_per_trial": args.gpus_per_trial,
+        "cpus_per_trial": args.cpus_per_trial,
+        "max_concurrent": args.max_concurrent,
     }
     raw.update({k: v for k, v in flags.items() if v is not None})
     if isinstance(raw.get("sparsities"), str):
@@ -53,8 +80,12 @@ def build_request(args: argparse.Namespace):
     sweep = SweepConfig.from_dict(raw)
     template = merge(preset.get("trial") or {}, parse_set(args.set))
     return SweepRequest(
-        preset=args.preset, preset_data=preset, sweep=sweep, template=template,
-        run_dir=args.out.resolve(), roots=parse_roots(args.data_root, sweep.datasets),
+        preset=args.preset,
+        preset_data=preset,
+        sweep=sweep,
+        template=template,
+        run_dir=args.out.resolve(),
+        roots=parse_roots(args.data_root, sweep.datasets),
         address=args.address,
     )
 
@@ -69,6 +100,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     code = cmd_sweep(args)
-    print(f"demo finished: every trial's records, checkpoints and final metrics are in "
-          f"{args.out.resolve()}/trials")
+    print(
+        f"demo finished: every trial's records, checkpoints and final metrics are in "
+        f"{args.out.resolve()}/trials"
+    )
     return code

@@ -72,6 +72,10 @@ class LossConfig:
     alpha: float = 0.3
     beta: float = 0.7
     class_weights: tuple[float, ...] | None = None
+    # Weight of an added cross-entropy term (0: the paper's pure Tversky). From scratch, without
+    # ImageNet weights, pure Tversky sometimes stalls with background never predicted (measured
+    # on the demo set); a little cross-entropy removes that. The demo preset uses it.
+    ce_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -286,6 +290,7 @@ def validate(cfg: TrialConfig) -> None:
         cfg.loss.alpha >= 0 and cfg.loss.beta >= 0, "loss.alpha", cfg.loss.alpha, "alpha, beta >= 0"
     )
     _check(cfg.loss.alpha + cfg.loss.beta > 0, "loss.beta", cfg.loss.beta, "alpha + beta > 0")
+    _check(cfg.loss.ce_weight >= 0, "loss.ce_weight", cfg.loss.ce_weight, "0 or more")
     if cfg.loss.class_weights is not None:
         _check(
             len(cfg.loss.class_weights) == d.classes,

@@ -20,15 +20,33 @@ from trainables.data.dataset import IGNORE_INDEX
 from trainables.metrics import ConfusionMeter
 
 
+class SegmentationLoss(nn.Module):
+    """Tversky loss on logits (alpha weights false positives, beta false negatives), plus an
+    optional cross-entropy term; ignored pixels count in neither."""
+
+    def __init__(self, cfg: LossConfig) -> None:
+        super().__init__()
+        weights = list(cfg.class_weights) if cfg.class_weights else None
+        self.tversky = TverskyLoss(
+            mode="multiclass",
+            alpha=cfg.alpha,
+            beta=cfg.beta,
+            ignore_index=IGNORE_INDEX,
+            class_weights=weights,
+        )
+        self.ce_weight = cfg.ce_weight
+        ce_weights = torch.tensor(weights, dtype=torch.float) if weights else None
+        self.ce = nn.CrossEntropyLoss(weight=ce_weights, ignore_index=IGNORE_INDEX)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = self.tversky(logits, target)  # logits (N, C, H, W), target (N, H, W)
+        if self.ce_weight:
+            loss = loss + self.ce_weight * self.ce(logits, target)
+        return loss
+
+
 def build_loss(cfg: LossConfig) -> nn.Module:
-    """Tversky loss on logits; alpha weights false positives, beta false negatives."""
-    return TverskyLoss(
-        mode="multiclass",
-        alpha=cfg.alpha,
-        beta=cfg.beta,
-        ignore_index=IGNORE_INDEX,
-        class_weights=list(cfg.class_weights) if cfg.class_weights else None,
-    )
+    return SegmentationLoss(cfg)
 
 
 def build_optimizer(

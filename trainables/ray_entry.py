@@ -62,9 +62,16 @@ def train_trial(config: dict[str, Any]) -> None:
     }
     warm = Path(spec["warm_start"]) if spec.get("warm_start") else None
     try:
-        run_trial(cfg, out_dir, warm_start=warm,
-                  reporter=_reporter(out_dir, spec.get("fault_after_epoch")), meta=meta)
+        run_trial(
+            cfg,
+            out_dir,
+            warm_start=warm,
+            reporter=_reporter(out_dir, spec.get("fault_after_epoch")),
+            meta=meta,
+        )
     except BaseException as err:
-        write_text(out_dir / "error.txt", f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
+        write_text(
+            out_dir / "error.txt", f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}"
+        )
         raise
     (out_dir / "error.txt").unlink(missing_ok=True)

@@ -112,12 +112,15 @@ def test_killed_driver_rerun_finishes_without_rerunning_finished_trials(tmp_path
         start_new_session=True,
     )
     dense_final = out / "trials" / "synthetic-linknet-dense" / "final.json"
+    stage2 = out / "stage2-prune"
     deadline = time.monotonic() + 120
-    while not dense_final.exists() and time.monotonic() < deadline and driver.poll() is None:
-        time.sleep(0.5)
-    assert dense_final.exists(), driver.communicate()[0] if driver.poll() is not None else "timeout"
+    while not stage2.exists() and time.monotonic() < deadline and driver.poll() is None:
+        time.sleep(0.2)
+    assert stage2.exists(), driver.communicate()[0] if driver.poll() is not None else "timeout"
+    time.sleep(float(os.environ.get("CORROPRUNE_TEST_KILL_DELAY", "3")))
     os.killpg(driver.pid, signal.SIGKILL)  # the driver dies with stage 2 unfinished
     driver.wait()
+    assert dense_final.exists()
     stamp = dense_final.stat().st_mtime_ns
     rerun = subprocess.run(
         _sweep_cmd(preset, out), env=env, capture_output=True, text=True, timeout=240
