@@ -208,12 +208,14 @@ def _write_sweep_file(request: SweepRequest, run_dir: Path) -> None:
 
 def summary(run_dir: Path, specs: list[TrialSpec], status: dict[str, Any]) -> str:
     rows = []
+    baseline = None
     for spec in specs:
         final = Path(spec.out_dir) / "final.json"
         if not final.exists():
             rows.append(f"  {spec.name:<40} not finished")
             continue
         result = json.loads(final.read_text())
+        baseline = result["dense"].get("test_all_background_miou", baseline)
         dense = result["dense"]["test_miou"]
         pruned = result["pruned"]["test_miou"] if result.get("pruned") else None
         text = f"dense {dense:.4f}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -102,20 +103,39 @@ def export_onnx(model: nn.Module, path: Path, *, height: int, width: int) -> Pat
     example = torch.zeros(1, 3, height, width)
     tmp = Path(path).with_suffix(".tmp.onnx")
     try:
-        torch.onnx.export(
-            model,
-            (example,),
-            str(tmp),
-            input_names=["image"],
-            output_names=["logits"],
-            dynamic_axes={
-                "image": {0: "batch", 2: "height", 3: "width"},
-                "logits": {0: "batch", 2: "height", 3: "width"},
-            },
-            opset_version=17,
-            dynamo=False,
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # smp's shape checks
+            torch.onnx.export(
+                model,
+                (example,),
+                str(tmp),
+                input_names=["image"],
+                output_names=["logits"],
+                dynamic_axes={
+                    "image": {0: "batch", 2: "height", 3: "width"},
+                    "logits": {0: "batch", 2: "height", 3: "width"},
+                },
+                opset_version=17,
+                dynamo=False,
+            )
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
     return Path(path)
+
+
+def verify_onnx(model: nn.Module, path: Path, *, height: int, width: int, seed: int = 0) -> float:
+    """Max absolute difference between onnxruntime's and torch's logits on a random image."""
+    try:
+        import onnxruntime as ort
+    except ImportError as err:
+        raise UserError("ONNX check needs onnxruntime: pip install onnxruntime") from err
+    x = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        expected = model.eval()(x).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"image": x.numpy()})[0]
+    error = float(np.abs(got - expected).max())
+    if not np.allclose(got, expected, atol=1e-3, rtol=1e-3):
+        raise UserError(f"{path}: onnxruntime output differs from torch (max abs diff {error:.3g})")
+    return error

@@ -1,0 +1,129 @@
+"""Compact sparse export round trip, ONNX against onnxruntime, predictions on real frames."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sweep.cli import main
+from trainables.checkpoint import save_checkpoint
+from trainables.config import TrialConfig
+from trainables.export import export_compact, export_onnx, load_compact, verify_onnx
+from trainables.models import build_model
+from trainables.pruning.pruner import Pruner
+
+NEA_SAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "nea-sample"
+
+
+def pruned_model(arch: str, encoder: str = "tu-test_resnet", sparsity: float = 0.9):
+    cfg = TrialConfig.from_dict(
+        {
+            "data": {"dataset": "synthetic"},
+            "model": {"arch": arch, "encoder": encoder, "encoder_weights": None},
+            "pruning": {"pruner": "magnitude", "sparsity": sparsity, "steps": 1},
+            "stages": {"prune_epochs": 1},
+        }
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 4).eval()
+    Pruner(cfg.pruning, model, prune_epochs=1, iters_per_epoch=1).end_of_epoch(1)
+    return model, cfg
+
+
+@pytest.mark.parametrize("arch", ["unet", "unetplusplus", "fpn", "linknet", "manet"])
+def test_compact_round_trip_gives_identical_outputs(arch: str, tmp_path: Path) -> None:
+    model, cfg = pruned_model(arch)
+    export_compact(model, cfg, tmp_path / "m.safetensors")
+    loaded, loaded_cfg = load_compact(tmp_path / "m.safetensors")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert loaded_cfg.model.arch == arch
+
+
+def test_compact_file_is_small_at_90_percent(tmp_path: Path) -> None:
+    model, cfg = pruned_model("unet", encoder="resnet18")
+    torch.save(model.state_dict(), tmp_path / "dense.pt")
+    export_compact(model, cfg, tmp_path / "c32.safetensors")
+    export_compact(model, cfg, tmp_path / "c16.safetensors", fp16=True)
+    dense = (tmp_path / "dense.pt").stat().st_size
+    assert (tmp_path / "c32.safetensors").stat().st_size <= 0.15 * dense
+    assert (tmp_path / "c16.safetensors").stat().st_size <= 0.10 * dense
+    loaded, _ = load_compact(tmp_path / "c16.safetensors")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), loaded(x), atol=1e-2)
+
+
+def test_onnx_matches_torch(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    model, _ = pruned_model("fpn", sparsity=0.5)
+    export_onnx(model, tmp_path / "m.onnx", height=64, width=64)
+    assert verify_onnx(model, tmp_path / "m.onnx", height=96, width=128) < 1e-3  # dynamic size
+
+
+@pytest.mark.skipif(not NEA_SAMPLE.is_dir(), reason="real NEA frames not present")
+def test_predict_on_real_frames_with_a_corrupt_image(tmp_path: Path, capsys) -> None:
+    model, cfg = pruned_model("linknet", sparsity=0.5)
+    ckpt = tmp_path / "final.pt"
+    save_checkpoint({"model": model.state_dict(), "config": cfg.to_dict()}, ckpt)
+    frames = sorted(NEA_SAMPLE.glob("*.jpg"))[:2]
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    code = main(
+        [
+            "predict",
+            str(ckpt),
+            *map(str, frames),
+            str(bad),
+            "--out",
+            str(tmp_path / "pred"),
+            "--device",
+            "cpu",
+        ]
+    )
+    out = capsys.readouterr()
+    assert code == 1 and "broken.jpg" in out.out and "Traceback" not in out.err
+    for frame in frames:
+        assert (tmp_path / "pred" / f"{frame.stem}_overlay.png").exists()
+        assert (tmp_path / "pred" / f"{frame.stem}_mask.png").exists()
+    rows = list(csv.DictReader((tmp_path / "pred" / "areas.csv").open()))
+    assert len(rows) == 2 and rows[0]["height"] == "720" and rows[0]["width"] == "1280"
+    shares = [float(rows[0][f"area_pct_{n}"]) for n in ("good", "fair", "poor", "severe")]
+    assert sum(shares) == pytest.approx(100, abs=0.01)
+    summary = json.loads((tmp_path / "pred" / "areas.json").read_text())
+    assert summary["failed"][0]["image"].endswith("broken.jpg")
+
+
+def test_export_command(tmp_path: Path, capsys) -> None:
+    model, cfg = pruned_model("fpn", sparsity=0.9)
+    ckpt = tmp_path / "final.pt"
+    save_checkpoint({"model": model.state_dict(), "config": cfg.to_dict()}, ckpt)
+    assert (
+        main(["export", str(ckpt), "--format", "compact", "--out", str(tmp_path / "m.safetensors")])
+        == 0
+    )
+    assert "% of the" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "export",
+                str(ckpt),
+                "--format",
+                "onnx",
+                "--size",
+                "64",
+                "64",
+                "--out",
+                str(tmp_path / "m.onnx"),
+            ]
+        )
+        == 0
+    )
+    assert "onnxruntime matches torch" in capsys.readouterr().out
+    assert (
+        main(["export", str(ckpt), "--format", "onnx", "--size", "60", "64", "--out", "x.onnx"])
+        == 2
+    )
