@@ -8,8 +8,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Ten real NEA frames (unlabelled) beside the checkout; never copied into the repository.
+NEA_SAMPLE = Path(
+    os.environ.get(
+        "CORROPRUNE_NEA_SAMPLE",
+        Path(__file__).resolve().parents[2] / "shared" / "data" / "nea-sample",
+    )
+)
 
 
 @pytest.fixture(autouse=True)

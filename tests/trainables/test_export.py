@@ -8,13 +8,12 @@ import pytest
 import torch
 
 from sweep.cli import main
+from tests.conftest import NEA_SAMPLE
 from trainables.checkpoint import save_checkpoint
 from trainables.config import TrialConfig
 from trainables.export import export_compact, export_onnx, load_compact, verify_onnx
 from trainables.models import build_model
 from trainables.pruning.pruner import Pruner
-
-NEA_SAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "nea-sample"
 
 
 def pruned_model(arch: str, encoder: str = "tu-test_resnet", sparsity: float = 0.9):

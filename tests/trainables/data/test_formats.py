@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import NEA_SAMPLE
 from trainables.config import DataConfig, SynthConfig
 from trainables.data import build_datasets, split_items
 from trainables.data.check import check_dataset, class_distribution
@@ -21,7 +22,6 @@ from trainables.data.formats import SSCS_COLOURS, SSCS_FOLDER, Item, rasterise
 from trainables.data.synth import generate_sample, write_synthetic
 from trainables.errors import UserError
 
-NEA_SAMPLE = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "nea-sample"
 RGB = {v: k for k, v in SSCS_COLOURS.items()}
 
 
