@@ -203,11 +203,14 @@ def results_table(run_dir: Path) -> tuple[pd.DataFrame, dict[str, list[str]]]:
         rows.append(row)
     class_cols = _class_columns(rows, class_names)
     frame = pd.DataFrame(rows, columns=RESULT_COLUMNS + class_cols)
-    frame = frame.sort_values(["dataset", "model", "pruner", "target_sparsity", "trial"])
-    return frame.reset_index(drop=True), class_names
+    dense_first = frame.assign(_pruned=frame["pruner"] != DENSE)
+    order = dense_first.sort_values(["dataset", "model", "_pruned", "pruner", "target_sparsity"])
+    return frame.loc[order.index].reset_index(drop=True), class_names
 
 
-def curves_table(run_dir: Path, results: pd.DataFrame, class_names: dict[str, list[str]]):
+def curves_table(
+    run_dir: Path, results: pd.DataFrame, class_names: dict[str, list[str]]
+) -> pd.DataFrame:
     """One row per trial and epoch record, facets joined in, val_iou spread per class.
 
     The record's own `target_sparsity` (the schedule's value at that epoch) is renamed

@@ -41,7 +41,9 @@ def model_colour(model: str, models: list[str]) -> str:
 
 def figure_number(dataset: str, paper: dict[str, str]) -> str:
     """The paper's figure number for this dataset (`paper` maps sscs/nea to it), or a generic one."""
-    return paper.get(dataset) or "/".join(dict.fromkeys(paper.values()))
+    if dataset in paper:
+        return f"Figure {paper[dataset]}"
+    return "as Figures " + "/".join(dict.fromkeys(paper.values()))
 
 
 def ema(values: pd.Series, alpha: float = EMA_ALPHA) -> pd.Series:
@@ -60,6 +62,8 @@ def _label(pruner: str, sparsity: float) -> str:
 def label_distribution_figure(dist: pd.DataFrame, dataset: str, source: str) -> go.Figure:
     """Figure 4: share of pixels per class, one bar group per split."""
     table = dist[dist["dataset"] == dataset]
+    if table.empty:  # a label_distribution.csv without a dataset column, in a multi-dataset run
+        table = dist[dist["dataset"] == "all"]
     fig = go.Figure()
     for split, rows in table.groupby("split", sort=False):
         rows = rows.sort_values("class_id")
@@ -111,7 +115,8 @@ def training_figure(curves: pd.DataFrame, dataset: str, alpha: float = EMA_ALPHA
         )
     fig.update_layout(
         title=f"Validation mIoU while training the dense models, {dataset} "
-        f"(Figure 5; EMA alpha = {alpha:g})"
+        f"(Figure 5; EMA alpha = {alpha:g})",
+        showlegend=True,
     )
     fig.update_xaxes(title_text="training epoch")
     fig.update_yaxes(title_text="validation mIoU", rangemode="tozero")
@@ -154,7 +159,8 @@ def pruning_figure(curves: pd.DataFrame, dataset: str) -> go.Figure:
         )
     fig.update_layout(
         title=f"Validation mIoU through pruning and fine-tuning, {dataset} "
-        "(Figure 6; diamonds = pruning steps, dashed line = stage boundary)"
+        "(Figure 6; diamonds = pruning steps, dashed line = stage boundary)",
+        showlegend=True,  # also when the filters leave a single trace
     )
     fig.update_xaxes(title_text="epoch since pruning started")
     fig.update_yaxes(title_text="validation mIoU", rangemode="tozero")
@@ -219,10 +225,11 @@ def _sparsity_traces(
 def sparsity_figure(results: pd.DataFrame, dataset: str) -> go.Figure:
     """Figures 7 and 8: test mIoU against target sparsity; the dense model is the 0 point."""
     fig = go.Figure(_sparsity_traces(results, dataset, "test_miou", showlegend=True))
-    number = figure_number(dataset, {"sscs": "Figure 7", "nea": "Figure 8"})
+    number = figure_number(dataset, {"sscs": "7", "nea": "8"})
     fig.update_layout(
         title=f"Test mIoU against sparsity, {dataset} ({number}; star = dense model)",
         legend_title_text="model pruner",
+        showlegend=True,
     )
     fig.update_xaxes(title_text="target sparsity", range=[-0.03, 1.0])
     fig.update_yaxes(title_text="test mIoU")
@@ -241,7 +248,7 @@ def per_class_figure(results: pd.DataFrame, dataset: str, class_names: list[str]
             fig.add_trace(trace, row=1, col=col)
         fig.update_xaxes(title_text="target sparsity", range=[-0.05, 1.0], row=1, col=col)
     fig.update_yaxes(title_text="test IoU", row=1, col=1)
-    fig.update_layout(title=f"Per-class test IoU against sparsity, {dataset}")
+    fig.update_layout(title=f"Per-class test IoU against sparsity, {dataset}", showlegend=True)
     return fig
 
 
@@ -288,7 +295,7 @@ def examples_figure(
     models = ordered(rows["model"], MODEL_ORDER)
     show = show or default_variant(results, dataset)
     n = min(MAX_EXAMPLES, len(example["gt"])) if example else 0
-    number = figure_number(dataset, {"sscs": "Figure 9", "nea": "Figure 10"})
+    number = figure_number(dataset, {"sscs": "9", "nea": "10"})
     if n == 0:
         fig = go.Figure()
         fig.update_layout(title=f"Example predictions, {dataset} ({number}): none saved yet")

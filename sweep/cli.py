@@ -265,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 _OPTIONAL_COMMANDS: tuple[tuple[str, str], ...] = (
     ("sweep.tune_cli", "add_sweep_command"),
     ("sweep.tune_cli", "add_demo_command"),
+    ("sweep.tune_cli", "add_tune_command"),
     ("analysis.cli", "add_report_commands"),
 )
 

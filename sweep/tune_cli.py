@@ -8,6 +8,7 @@ from pathlib import Path
 from sweep.config import load_preset, parse_set
 from sweep.grid import SweepConfig, parse_roots
 from trainables.config import merge
+from trainables.errors import UserError
 
 
 def add_sweep_command(sub: argparse._SubParsersAction) -> None:
@@ -105,3 +106,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"{args.out.resolve()}/trials"
     )
     return code
+
+
+def add_tune_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tune", help="search the fine-tuning stage of a finished sweep's pruned models"
+    )
+    p.add_argument("--preset", default="finetune-hpo")
+    p.add_argument(
+        "--from", dest="run_dir", type=Path, required=True, help="a finished sweep's RUN_DIR"
+    )
+    p.add_argument(
+        "--select", help="e.g. model=fpn,pruner=agp,sparsity=0.9 (default: every pruned trial)"
+    )
+    p.add_argument("--samples", type=int, help="configurations per combination")
+    p.add_argument("--address", help="Ray cluster address (default: a local Ray)")
+    p.add_argument("--out", type=Path, required=True, help="TUNE_DIR")
+    p.set_defaults(func=cmd_tune)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from sweep.hpo import run_search
+
+    if args.samples is not None and args.samples < 1:
+        raise UserError(f"--samples {args.samples}: at least 1")
+    run_search(
+        load_preset(args.preset), args.run_dir, args.select, args.samples, args.out, args.address
+    )
+    print(
+        f"search results in {args.out.resolve()} (summary.json, <combination>/best.json, trials.csv)"
+    )
+    return 0

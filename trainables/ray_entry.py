@@ -75,3 +75,58 @@ def train_trial(config: dict[str, Any]) -> None:
         )
         raise
     (out_dir / "error.txt").unlink(missing_ok=True)
+
+
+def class_weights_from_frequencies(cfg: TrialConfig) -> list[float]:
+    """1/sqrt(pixel share) per class over the training split, normalised to mean 1."""
+    import numpy as np
+
+    from trainables.data import build_datasets
+
+    data = build_datasets(cfg.data, cfg.seed)
+    counts = np.zeros(cfg.data.classes)
+    for i in range(len(data.train)):
+        mask = data.train.raw(i)[1]
+        counts += np.bincount(mask.ravel(), minlength=cfg.data.classes)[: cfg.data.classes]
+    weights = 1.0 / np.sqrt(np.maximum(counts / counts.sum(), 1e-6))
+    return (weights / weights.mean()).round(4).tolist()
+
+
+def searched_config(base: dict[str, Any], params: dict[str, Any]) -> TrialConfig:
+    """The base trial's config with the searched fine-tuning settings applied."""
+    cfg = TrialConfig.from_dict(base)
+    optim = {k: params[k] for k in ("max_lr", "base_lr", "momentum") if k in params}
+    if "max_lr" in optim or "base_lr" in optim:
+        top = optim.get("max_lr", cfg.optim.max_lr)
+        optim["base_lr"] = min(optim.get("base_lr", cfg.optim.base_lr), top)
+    loss = {k: params[k] for k in ("alpha", "beta") if k in params}
+    if params.get("class_weighting", "none") == "inverse_sqrt_frequency":
+        loss["class_weights"] = class_weights_from_frequencies(cfg)
+    stages = (
+        {"finetune_epochs": int(params["finetune_epochs"])} if "finetune_epochs" in params else {}
+    )
+    return cfg.replace(optim=optim, loss=loss, stages=stages)
+
+
+def finetune_trial(config: dict[str, Any]) -> None:
+    """Ray entry of the fine-tuning search: only the fine-tune stage, from a pruned checkpoint,
+    reporting validation metrics every epoch; the test split is not touched here."""
+    base = config["base"]
+    cfg = searched_config(base["config"], config)
+    trial_id = tune.get_context().get_trial_id()
+    out_dir = Path(base["out_root"]) / trial_id
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    torch.set_num_threads(max(1, math.floor(cpus)))
+
+    def report(record: dict[str, Any]) -> None:
+        tune.report({**_scalars(record), "trial_id": trial_id})
+
+    run_trial(
+        cfg,
+        out_dir,
+        warm_start=Path(base["checkpoint"]),
+        reporter=report,
+        meta={"trial_id": trial_id, "node_ip": ray.util.get_node_ip_address()},
+        finetune_only=True,
+        evaluate_test=False,
+    )

@@ -7,7 +7,7 @@ import platform
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -39,8 +39,13 @@ EXAMPLES = 4  # test images whose predictions are kept for the report
 STAGES = ("train", "prune", "finetune")
 
 
-def stage_plan(cfg: TrialConfig, warm_start: bool) -> list[tuple[str, int]]:
-    """(stage, epochs) in order; a warm start skips the dense training stage."""
+def stage_plan(
+    cfg: TrialConfig, warm_start: bool, finetune_only: bool = False
+) -> list[tuple[str, int]]:
+    """(stage, epochs) in order; a warm start skips the dense training stage, and a warm start
+    from a pruned checkpoint (its masks fixed) runs only the fine-tuning stage."""
+    if finetune_only:
+        return [("finetune", cfg.stages.finetune_epochs)]
     plan = [] if warm_start else [("train", cfg.stages.train_epochs)]
     if cfg.pruned:
         plan += [("prune", cfg.stages.prune_epochs), ("finetune", cfg.stages.finetune_epochs)]
@@ -55,21 +60,31 @@ class Position:
     epoch: int = 0
     global_epoch: int = 0
     dense_test: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Trial:
     """The state of one running trial: model, data, pruner and the files in its folder."""
 
     def __init__(
-        self, cfg: TrialConfig, out: Path, warm_start: Path | None, reporter: Reporter | None
+        self,
+        cfg: TrialConfig,
+        out: Path,
+        warm_start: Path | None,
+        reporter: Reporter | None,
+        *,
+        finetune_only: bool = False,
+        evaluate_test: bool = True,
     ):
         self.cfg = cfg
         self.out = out
         self.ckpt_dir = out / "checkpoints"
         self.reporter = reporter
         self.warm_start = warm_start
-        self.plan = stage_plan(cfg, warm_start is not None)
+        if finetune_only and (warm_start is None or not cfg.pruned):
+            raise UserError("fine-tuning only needs a pruned checkpoint to start from and a pruner")
+        self.finetune_only = finetune_only
+        self.evaluate_test = evaluate_test
+        self.plan = stage_plan(cfg, warm_start is not None, finetune_only)
         self.device = engine.resolve_device(cfg.runtime.device)
         engine.seed_everything(cfg.seed)
         self.data = build_datasets(cfg.data, cfg.seed)
@@ -123,7 +138,17 @@ class Trial:
                     f"dense checkpoint {self.warm_start} does not fit model "
                     f"{self.cfg.model.arch}/{self.cfg.model.encoder}: {str(err).splitlines()[0]}"
                 ) from None
-            return Position(dense_test=state.get("dense_test") or self.test_metrics()), None
+            if self.finetune_only:
+                if "masks" not in state:
+                    raise UserError(
+                        f"{self.warm_start} holds no pruning masks: use a pruned final.pt"
+                    )
+                self.pruner.masks.load_state_dict(state["masks"])
+                self.pruner.freeze()
+            dense = state.get("dense_test")
+            if dense is None and self.evaluate_test:
+                dense = self.test_metrics()
+            return Position(dense_test=dense), None
         return Position(), None
 
     def _truncate_records(self, global_epoch: int) -> None:
@@ -159,7 +184,7 @@ class Trial:
             if index > pos.stage_index:
                 pos.stage_index, pos.epoch = index, 0
             self.run_stage(stage, epochs, pos, resume_state)
-            if stage == "train":
+            if stage == "train" and self.evaluate_test:
                 pos.dense_test = self.test_metrics()
                 save_checkpoint(
                     {
@@ -169,7 +194,7 @@ class Trial:
                     },
                     self.ckpt_dir / "dense.pt",
                 )
-        if pos.dense_test is None:  # no stages at all (0 training epochs): the model as built
+        if pos.dense_test is None and self.evaluate_test:  # no training stage ran at all
             pos.dense_test = self.test_metrics()
         return self.finish(pos, time.perf_counter() - started)
 
@@ -282,12 +307,18 @@ class Trial:
         }
 
     def finish(self, pos: Position, wall_time: float) -> dict[str, Any]:
-        pruned = self.test_metrics() if self.cfg.pruned else None
-        final_state = {"model": self.model.state_dict(), "config": self.cfg.to_dict()}
+        pruned = self.test_metrics() if self.cfg.pruned and self.evaluate_test else None
+        final_state = {
+            "model": self.model.state_dict(),
+            "config": self.cfg.to_dict(),
+            "dense_test": pos.dense_test,
+        }
         if self.pruner is not None:
             final_state["masks"] = self.pruner.masks.state_dict()
         save_checkpoint(final_state, self.ckpt_dir / "final.pt")
-        examples = engine.predict_examples(self.model, self.data.test, EXAMPLES, self.device)
+        examples = {}
+        if self.evaluate_test:
+            examples = engine.predict_examples(self.model, self.data.test, EXAMPLES, self.device)
         if examples:
             np.savez_compressed(self.out / "examples.npz", **examples)
         result = {
@@ -299,7 +330,7 @@ class Trial:
             "warm_start": str(self.warm_start) if self.warm_start else None,
         }
         write_json(self.out / "final.json", result)
-        if self.reporter is not None:
+        if self.reporter is not None and self.evaluate_test:
             summary = pruned or pos.dense_test
             self.reporter(
                 {
@@ -361,8 +392,15 @@ def run_trial(
     warm_start: Path | None = None,
     reporter: Reporter | None = None,
     meta: dict[str, Any] | None = None,
+    finetune_only: bool = False,
+    evaluate_test: bool = True,
 ) -> dict[str, Any]:
-    """Run (or resume, or return the stored result of) one trial in `out_dir`."""
+    """Run (or resume, or return the stored result of) one trial in `out_dir`.
+
+    `finetune_only`: start from a pruned checkpoint (`warm_start`, with masks) and run only the
+    fine-tuning stage. `evaluate_test=False` keeps the test split untouched (searches choose on
+    validation only).
+    """
     out = Path(out_dir).resolve()
     final = out / "final.json"
     if final.exists():
@@ -373,7 +411,11 @@ def run_trial(
     write_json(out / "env.json", environment(cfg, meta))
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
-    return Trial(cfg, out, Path(warm_start).resolve() if warm_start else None, reporter).run()
+    warm = Path(warm_start).resolve() if warm_start else None
+    trial = Trial(
+        cfg, out, warm, reporter, finetune_only=finetune_only, evaluate_test=evaluate_test
+    )
+    return trial.run()
 
 
 def model_from_checkpoint(path: Path) -> tuple[nn.Module, TrialConfig]:

@@ -85,7 +85,7 @@ def _pruned_records(
                 "target_sparsity": target,
                 "achieved_sparsity": target,
                 "overall_sparsity": target * 0.99,
-                "nonzero_params": int(1000 * (1 - target)),
+                "nonzero_params": round(1000 * (1 - target)),
                 "mask_updated": updated,
             }
             records.append(_record(stage, e, g, miou, n, **extra))
@@ -171,7 +171,7 @@ def _write_trial(trials: Path, name: str, dataset: str, model: str, pruner: str,
         "pruned": _scores(final_miou, n) if pruned else None,
         "achieved_sparsity": s,
         "overall_sparsity": s * 0.99,
-        "nonzero_params": int(1000 * (1 - s)),
+        "nonzero_params": round(1000 * (1 - s)),
         "total_params": 1000,
         "wall_time_s": 12.5,
     }

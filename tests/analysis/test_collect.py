@@ -1,0 +1,124 @@
+"""Reading a run directory into tidy tables, partial runs included."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from analysis.collect import (
+    label_distribution,
+    load_run,
+    missing_notes,
+    parse_trial_name,
+    read_jsonl,
+)
+from tests.analysis.fake_run import ERRORED, NOT_STARTED, RUNNING
+
+
+def test_read_jsonl_skips_a_half_written_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3, "val_mi')
+    assert [r["epoch"] for r in read_jsonl(path)] == [1, 2]
+    assert read_jsonl(tmp_path / "absent.jsonl") == []
+
+
+@pytest.mark.parametrize(
+    ("name", "facets"),
+    [
+        ("sscs-fpn-agp-s0.9", ("sscs", "fpn", "agp", 0.9)),
+        ("nea-unetplusplus-dense", ("nea", "unetplusplus", "none", 0.0)),
+        ("my-data-linknet-mp-s0.25", ("my-data", "linknet", "mp", 0.25)),
+    ],
+)
+def test_parse_trial_name(name: str, facets: tuple) -> None:
+    got = parse_trial_name(name)
+    assert (got["dataset"], got["model"], got["pruner"], got["target_sparsity"]) == facets
+
+
+def test_results_one_row_per_trial_with_status(fake_run_dir: Path) -> None:
+    results = load_run(fake_run_dir).results
+    assert len(results) == len(list((fake_run_dir / "trials").iterdir()))
+    assert results["trial"].is_unique
+    status = results.set_index("trial")["status"]
+    assert status[ERRORED] == "errored" and status[RUNNING] == "running"
+    assert (status.drop([ERRORED, RUNNING]) == "finished").all()
+    errored = results.set_index("trial").loc[ERRORED]
+    assert errored["error"] == "RuntimeError: CUDA out of memory"
+    assert math.isnan(errored["test_miou"])
+
+
+def test_results_columns_and_drops(fake_run_dir: Path) -> None:
+    results = load_run(fake_run_dir).results.set_index("trial")
+    for column in ("dataset", "model", "encoder", "pruner", "target_sparsity", "achieved_sparsity"):
+        assert column in results
+    row = results.loc["synthetic-fpn-lp-s0.9"]
+    assert row["dense_test_miou"] == pytest.approx(0.70)
+    assert row["pruned_test_miou"] == pytest.approx(0.70 * (1 - 0.08))
+    assert row["iou_drop"] == pytest.approx(0.70 * 0.08)
+    assert row["iou_drop_rel"] == pytest.approx(0.08)
+    assert row["nonzero_params"] == 100 and row["total_params"] == 1000
+    assert row["node"] == "10.0.0.1" and row["wall_time_s"] == 12.5
+    # One column per class and dataset; the other dataset's classes are empty.
+    assert {"iou_good", "iou_severe", "iou_corroded_c1"} <= set(results.columns)
+    assert math.isnan(row["iou_corroded_c1"]) and not math.isnan(row["iou_severe"])
+    dense = results.loc["synthetic-fpn-dense"]
+    assert dense["pruner"] == "none" and dense["target_sparsity"] == 0.0
+    assert dense["test_miou"] == pytest.approx(0.70) and math.isnan(dense["iou_drop"])
+
+
+def test_running_trial_reports_progress_from_metrics(fake_run_dir: Path) -> None:
+    row = load_run(fake_run_dir).results.set_index("trial").loc[RUNNING]
+    assert row["epochs_done"] == 3  # the fourth, half-written line is skipped
+    assert row["last_stage"] == "prune" and row["achieved_sparsity"] > 0
+
+
+def test_curves_one_row_per_trial_and_epoch(fake_run_dir: Path) -> None:
+    run = load_run(fake_run_dir)
+    curves = run.curves
+    assert not curves.duplicated(["trial", "global_epoch"]).any()
+    dense = curves[curves["trial"] == "nea-fpn-dense"]
+    assert list(dense["stage"].unique()) == ["train"] and len(dense) == 6
+    pruned = curves[curves["trial"] == "nea-fpn-agp-s0.5"]
+    assert list(pruned["stage"].unique()) == ["prune", "finetune"]
+    assert (pruned["target_sparsity"] == 0.5).all()  # the trial's target, joined in
+    assert pruned["scheduled_sparsity"].iloc[-1] == pytest.approx(0.5)
+    assert {"val_iou_background", "val_iou_corroded_c2"} <= set(curves.columns)
+    assert len(curves[curves["trial"] == RUNNING]) == 3
+
+
+def test_missing_notes_name_what_is_not_there(own_run_dir: Path) -> None:
+    status = {"failed_base_models": [{"dataset": "nea", "model": "manet", "reason": "OOM"}]}
+    (own_run_dir / "sweep_status.json").write_text(json.dumps(status))
+    notes = "\n".join(missing_notes(load_run(own_run_dir)))
+    assert f"errored: {ERRORED}: RuntimeError" in notes
+    assert f"running or pending: {RUNNING}" in notes
+    assert f"not started yet (1): {NOT_STARTED}" in notes
+    assert "failed base model: nea-manet: OOM" in notes
+
+
+def test_empty_run_directory_gives_empty_tables(tmp_path: Path) -> None:
+    run = load_run(tmp_path)
+    assert run.results.empty and run.curves.empty and missing_notes(run) == []
+
+
+def test_label_distribution_prefers_the_file(own_run_dir: Path) -> None:
+    table, source = label_distribution(load_run(own_run_dir))
+    assert source == "examples" and set(table["dataset"]) == {"synthetic", "nea"}
+    sums = table.groupby("dataset")["percent"].sum()
+    assert sums.to_numpy() == pytest.approx([100.0, 100.0])
+    given = pd.DataFrame(
+        {
+            "split": ["train", "train"],
+            "class_id": [0, 1],
+            "class_name": ["good", "fair"],
+            "pixels": [90, 10],
+            "percent": [90.0, 10.0],
+        }
+    )
+    given.to_csv(own_run_dir / "label_distribution.csv", index=False)
+    table, source = label_distribution(load_run(own_run_dir))
+    assert source == "file" and table["dataset"].tolist() == ["all", "all"]  # two datasets

@@ -1,0 +1,173 @@
+"""The static page and the live Dash app: their logic, then both opened in headless chromium."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from analysis.collect import load_run
+from analysis.dashboard_app import (
+    RunCache,
+    create_app,
+    facet_options,
+    filter_run,
+    updated_filters,
+    view,
+)
+from analysis.report import build_report
+from tests.analysis.browser import (
+    RENDERED_PLOTS_JS,
+    VISIBLE_TRACES_JS,
+    chromium,
+    require_browser,
+    save_screenshot,
+    severe_console_errors,
+)
+from tests.analysis.fake_run import RUNNING
+
+
+def wait_for(check: Callable[[], object], timeout: float = 10.0, what: str = "condition"):
+    """Poll until `check()` is truthy; its value is returned."""
+    end = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > end:
+            assert value, f"timed out after {timeout}s waiting for {what}"
+            return value
+        time.sleep(0.2)
+
+
+@contextmanager
+def serving(app) -> Iterator[str]:
+    """The Dash app's Flask server on a free localhost port, in a thread."""
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", 0, app.server, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/"
+    finally:
+        server.shutdown()
+        thread.join(timeout=5)
+
+
+def finish_running_trial(run_dir: Path) -> None:
+    """What the sweep does when the running trial ends: final.json (written last)."""
+    trials = run_dir / "trials"
+    shutil.copy(trials / "nea-linknet-agp-s0.5" / "final.json", trials / RUNNING / "final.json")
+
+
+def test_filter_run_keeps_dense_references(fake_run_dir: Path) -> None:
+    run = load_run(fake_run_dir)
+    shown = filter_run(run, ["fpn"], ["lp"], [0.9])
+    assert set(shown.results["trial"]) == {
+        "synthetic-fpn-dense",
+        "synthetic-fpn-lp-s0.9",
+        "nea-fpn-dense",
+        "nea-fpn-lp-s0.9",
+    }
+    assert set(shown.curves["trial"]) == set(shown.results["trial"])
+    options = facet_options(run)
+    assert options["sparsity"] == [0.2, 0.5, 0.9] and options["pruner"] == ["lp", "agp", "mp"]
+
+
+def test_view_rereads_the_run_when_it_changes(own_run_dir: Path) -> None:
+    cache = RunCache(own_run_dir)
+    out = view(cache, "nea", ["fpn", "linknet"], ["agp"], [0.9])
+    assert out["status"].startswith("59 trials: 57 finished, 1 errored, 1 running")
+    names = [t.name for t in out["sparsity"].data]
+    assert names == ["fpn dense", "fpn agp", "linknet dense"]  # linknet agp 0.9 still running
+    assert out["examples"].layout.meta["pruner"] == "agp"
+    version = cache.version
+    cache.get()
+    assert cache.version == version  # nothing changed: nothing re-read
+    finish_running_trial(own_run_dir)
+    out = view(cache, "nea", ["fpn", "linknet"], ["agp"], [0.9])
+    assert cache.version == version + 1 and "58 finished, 1 errored, 0 running" in out["status"]
+    assert "linknet agp" in [t.name for t in out["sparsity"].data]
+
+
+def test_updated_filters_tick_new_values_and_keep_unticked_ones() -> None:
+    options = {"dataset": ["nea"], "model": ["fpn", "unet"], "pruner": ["lp"], "sparsity": [0.5]}
+    old_options = [[{"label": "fpn", "value": "fpn"}], [{"label": "lp", "value": "lp"}], []]
+    dataset, new_options, values = updated_filters(options, "gone", old_options, [[], ["lp"], []])
+    assert dataset == "nea"
+    assert values == [["unet"], ["lp"], [0.5]]  # fpn stays unticked, unet and 0.5 are new
+    assert new_options[2] == [{"label": "0.5", "value": 0.5}]
+
+
+def test_dashboard_command_binds_to_localhost_by_default() -> None:
+    from sweep.cli import build_parser
+
+    args = build_parser().parse_args(["dashboard", "some/run"])
+    assert (args.host, args.port) == ("127.0.0.1", 8050)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory):
+    require_browser()
+    with chromium(tmp_path_factory.mktemp("chromium-profile")) as driver:
+        yield driver
+
+
+def test_report_page_in_a_browser(browser, fake_run_dir: Path, tmp_path: Path) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    build_report(fake_run_dir, tmp_path)
+    browser.get((tmp_path / "dashboard.html").as_uri())
+    plots = len(browser.find_elements("css selector", ".js-plotly-plot"))
+    assert plots == 12  # six figures for each of the two datasets
+    wait_for(lambda: browser.execute_script(RENDERED_PLOTS_JS) == plots, what="plots with svg")
+    all_traces = browser.execute_script(VISIBLE_TRACES_JS)
+    save_screenshot(browser, tmp_path / "report-dashboard.png")
+
+    Select(browser.find_element("id", "filter-model")).select_by_value("fpn")
+    fpn_traces = browser.execute_script(VISIBLE_TRACES_JS)
+    assert 0 < fpn_traces < all_traces
+    Select(browser.find_element("id", "filter-dataset")).select_by_value("nea")
+    sections = browser.find_elements("css selector", ".dataset-section")
+    assert [s.is_displayed() for s in sections] == [True, False]  # nea first, synthetic hidden
+    Select(browser.find_element("id", "filter-pruner")).select_by_value("mp")
+    Select(browser.find_element("id", "filter-sparsity")).select_by_value("0.2")
+    title = browser.execute_script(
+        "return document.getElementById('fig-nea-examples').layout.title.text"
+    )
+    assert title.endswith(": mp s0.2")
+    # Figure 6 now shows exactly one trial: fpn, mp, 0.2.
+    shown = browser.execute_script(
+        "return document.getElementById('fig-nea-pruning').data"
+        ".filter(t => t.visible !== false).map(t => t.name)"
+    )
+    assert shown == ["fpn mp s0.2"]
+    save_screenshot(browser, tmp_path / "report-dashboard-filtered.png")
+    browser.find_element("id", "filter-reset").click()
+    assert browser.execute_script(VISIBLE_TRACES_JS) == all_traces
+    assert severe_console_errors(browser) == []
+
+
+def test_live_dashboard_in_a_browser(browser, own_run_dir: Path, tmp_path: Path) -> None:
+    with serving(create_app(own_run_dir, refresh_s=1.0)) as url:
+        browser.get(url)
+        wait_for(lambda: browser.execute_script(RENDERED_PLOTS_JS) == 6, 20, "six plots")
+        count = wait_for(lambda: browser.execute_script(VISIBLE_TRACES_JS), what="traces")
+        status = browser.find_element("id", "status")
+        assert "1 running" in status.text
+        save_screenshot(browser, tmp_path / "live-dashboard.png")
+
+        boxes = browser.find_elements("css selector", "#filter-model input[type=checkbox]")
+        assert len(boxes) == 3
+        boxes[0].click()  # untick the first model
+        wait_for(lambda: 0 < browser.execute_script(VISIBLE_TRACES_JS) < count, what="fewer traces")
+
+        finish_running_trial(own_run_dir)  # the sweep moves on; the page must follow
+        wait_for(lambda: "0 running" in status.text, 10, "the refresh to pick it up")
+        boxes = browser.find_elements("css selector", "#filter-model input[type=checkbox]")
+        assert [b.is_selected() for b in boxes] == [False, True, True]  # the choice survives
+        assert severe_console_errors(browser) == []

@@ -1,0 +1,128 @@
+"""Each figure carries the expected traces, axis titles and titles."""
+
+from __future__ import annotations
+
+import base64
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.collect import examples, label_distribution, load_run
+from analysis.figures import (
+    ema,
+    examples_figure,
+    label_distribution_figure,
+    per_class_figure,
+    pruning_figure,
+    sparsity_figure,
+    training_figure,
+)
+from analysis.images import colorize, png_data_uri
+from tests.analysis.fake_run import DENSE_MIOU, PRUNE_EPOCHS, RUNNING
+
+
+@pytest.fixture(scope="module")
+def run(fake_run_dir: Path):
+    return load_run(fake_run_dir)
+
+
+def test_ema_follows_its_equation() -> None:
+    x = pd.Series([1.0, 0.0, 0.0, 1.0])
+    expected = [1.0, 0.9, 0.81, 0.1 * 1 + 0.9 * 0.81]
+    assert ema(x, 0.1).to_numpy() == pytest.approx(expected)
+
+
+def test_label_distribution_figure(run) -> None:
+    dist, source = label_distribution(run)
+    fig = label_distribution_figure(dist, "synthetic", source)
+    assert [t.type for t in fig.data] == ["bar"]
+    assert list(fig.data[0].x) == ["good", "fair", "poor", "severe"]
+    assert "Figure 4" in fig.layout.title.text and "test examples" in fig.layout.title.text
+    assert fig.layout.yaxis.title.text == "share of labelled pixels (%)"
+
+
+def test_training_figure_raw_and_ema_per_model(run) -> None:
+    fig = training_figure(run.curves, "nea")
+    assert [t.name for t in fig.data] == [
+        f"{m} {kind}" for m in ("unet", "fpn", "linknet") for kind in ("raw", "EMA")
+    ]
+    raw, smooth = fig.data[2], fig.data[3]  # fpn
+    assert np.asarray(smooth.y) == pytest.approx(ema(pd.Series(raw.y), 0.1).to_numpy())
+    assert "Figure 5" in fig.layout.title.text and "alpha = 0.1" in fig.layout.title.text
+    assert fig.layout.xaxis.title.text == "training epoch"
+    assert fig.layout.yaxis.title.text == "validation mIoU"
+
+
+def test_pruning_figure_marks_boundary_and_steps(run) -> None:
+    fig = pruning_figure(run.curves, "nea")
+    names = [t.name for t in fig.data]
+    assert "fpn lp s0.9" in names and "linknet agp s0.9" in names  # running trial: so far
+    assert len(names) == 3 * 3 * 3 - 1  # one trial of nea not started
+    lp = fig.data[names.index("fpn lp s0.9")]
+    assert list(lp.marker.symbol).count("diamond") == 2  # two pruning steps
+    assert lp.meta == {"dataset": "nea", "model": "fpn", "pruner": "lp", "sparsity": 0.9}
+    (boundary,) = fig.layout.shapes
+    assert boundary.x0 == PRUNE_EPOCHS + 0.5
+    assert "Figure 6" in fig.layout.title.text
+    assert fig.layout.xaxis.title.text == "epoch since pruning started"
+
+
+def test_sparsity_figure_starts_each_line_at_the_dense_model(run) -> None:
+    fig = sparsity_figure(run.results, "synthetic")
+    by_name = {t.name: t for t in fig.data}
+    assert len(fig.data) == 3 * (1 + 3)  # per model: dense star + one line per pruner
+    line = by_name["fpn agp"]
+    assert list(line.x) == [0.0, 0.2, 0.5, 0.9]
+    assert line.y[0] == pytest.approx(DENSE_MIOU["fpn"])
+    assert list(by_name["unet mp"].x) == [0.0, 0.2, 0.5]  # the 0.9 trial errored
+    assert by_name["fpn dense"].meta["reference"] is True
+    assert fig.layout.xaxis.title.text == "target sparsity"
+    assert fig.layout.yaxis.title.text == "test mIoU"
+    assert "sparsity" in fig.layout.title.text
+    assert "Figure 8" in sparsity_figure(run.results, "nea").layout.title.text
+    nea = {t.name: t for t in sparsity_figure(run.results, "nea").data}
+    assert list(nea["linknet agp"].x) == [0.0, 0.2, 0.5]  # 0.9 still running
+    assert RUNNING.endswith("s0.9")
+
+
+def test_per_class_figure_one_panel_per_class(run) -> None:
+    names = run.class_names["nea"]
+    fig = per_class_figure(run.results, "nea", names)
+    assert [a.text for a in fig.layout.annotations] == names
+    axes = {t.xaxis for t in fig.data}
+    assert axes == {"x", "x2", "x3"}
+    assert sum(t.showlegend is not False for t in fig.data) == len(fig.data) // 3
+    assert fig.layout.yaxis.title.text == "test IoU"
+
+
+def test_examples_figure_shows_one_variant(run) -> None:
+    example = examples(run)["synthetic"]
+    fig = examples_figure(run.results, example, "synthetic", run.class_names["synthetic"])
+    images = [t for t in fig.data if t.type == "image"]
+    assert len(images) == len(fig.data)
+    visible = [t for t in images if t.visible is not False]
+    rows = len(example["gt"])
+    assert len(visible) == rows * (2 + 3)  # image, truth and one mask per model
+    assert {t.name for t in visible} >= {"fpn lp s0.9", "unet lp s0.9"}
+    assert fig.layout.meta["kind"] == "examples" and fig.layout.meta["pruner"] == "lp"
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles[:5] == ["image", "ground truth", "unet", "fpn", "linknet"]
+    assert "severe red" in titles[-1] and "ignore grey" in titles[-1]
+    shown = examples_figure(run.results, example, "synthetic", [], show=("none", 0.0))
+    assert {t.name for t in shown.data if t.visible is not False} >= {"fpn dense"}
+
+
+def test_colorize_and_png() -> None:
+    mask = np.array([[0, 1], [2, 3], [255, 7]], dtype=np.uint8)
+    rgb = colorize(mask)
+    assert rgb[0, 0].tolist() == [0, 0, 0] and rgb[1, 1].tolist() == [220, 20, 20]
+    assert rgb[2, 0].tolist() == [128, 128, 128]
+    uri = png_data_uri(rgb)
+    png = base64.b64decode(uri.split(",", 1)[1])
+    assert png.startswith(b"\x89PNG") and png[12:16] == b"IHDR"
+    idat = png[png.index(b"IDAT") + 4 :]
+    raw = zlib.decompressobj().decompress(idat)
+    assert raw[:7] == b"\x00" + bytes(rgb[0].ravel())

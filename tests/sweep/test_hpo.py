@@ -1,0 +1,79 @@
+"""The fine-tuning search on a real local Ray: Optuna + ASHA, masks fixed, test touched once."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from sweep.hpo import SearchConfig, parse_select, pruned_trials, run_search
+from tests.conftest import tiny_config
+from trainables.checkpoint import read_jsonl
+from trainables.config import TrialConfig
+from trainables.errors import UserError
+from trainables.trial import run_trial
+
+SEARCH = {
+    "search": {
+        "samples": 6,
+        "grace_period": 1,
+        "reduction_factor": 3,
+        "seed": 0,
+        "space": {
+            "max_lr": {"type": "loguniform", "low": 1e-3, "high": 5e-2},
+            "momentum": {"type": "uniform", "low": 0.3, "high": 0.9},
+            "finetune_epochs": {"type": "choice", "values": [1, 3]},
+            "alpha": {"type": "uniform", "low": 0.2, "high": 0.8},
+            "class_weighting": {"type": "choice", "values": ["none", "inverse_sqrt_frequency"]},
+        },
+    },
+    "sweep": {"cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("sweep")
+    cfg = TrialConfig.from_dict(
+        tiny_config(pruning={"pruner": "agp", "sparsity": 0.5}, runtime={"threads": 1})
+    )
+    run_trial(cfg, run / "trials" / "synthetic-fpn-agp-s0.5")
+    return run
+
+
+def test_search_end_to_end(local_ray, finished_sweep: Path, tmp_path: Path) -> None:
+    summaries = run_search(SEARCH, finished_sweep, "model=fpn,pruner=agp", None, tmp_path, None)
+    assert len(summaries) == 1
+    summary = summaries[0]
+    assert summary["trials"] == 6 and 0 <= summary["tuned_test_miou"] <= 1
+    paper = json.loads(
+        (finished_sweep / "trials" / "synthetic-fpn-agp-s0.5" / "final.json").read_text()
+    )
+    assert summary["paper_settings_test_miou"] == paper["pruned"]["test_miou"]
+    rows = list(csv.DictReader((tmp_path / "synthetic-fpn-agp-s0.5" / "trials.csv").open()))
+    assert len(rows) == 6
+    for row in rows:
+        records = read_jsonl(Path(row["out_dir"]) / "metrics.jsonl")
+        assert {r["stage"] for r in records} == {"finetune"}
+        assert all(r["achieved_sparsity"] == pytest.approx(0.5, abs=0.01) for r in records)
+        # early-stopped or not, a trial keeps its last metrics
+        assert float(row["val_miou"]) == pytest.approx(records[-1]["val_miou"])
+        assert int(row["epochs_run"]) == len(records) <= int(row["finetune_epochs"])
+        assert not (Path(row["out_dir"]) / "examples.npz").exists()  # no test predictions
+        final = Path(row["out_dir"]) / "final.json"
+        if final.exists():
+            assert json.loads(final.read_text())["pruned"] is None  # test untouched
+    assert (tmp_path / "summary.json").exists()
+
+
+def test_selection_and_presets_are_checked(finished_sweep: Path) -> None:
+    assert parse_select("model=fpn,sparsity=0.5") == {"model": "fpn", "sparsity": "0.5"}
+    with pytest.raises(UserError, match="expected dataset="):
+        parse_select("arch=fpn")
+    with pytest.raises(UserError, match="no finished pruned trial"):
+        pruned_trials(finished_sweep, {"model": "unet"})
+    assert len(pruned_trials(finished_sweep, {"sparsity": "0.5"})) == 1
+    with pytest.raises(UserError, match="not searchable"):
+        SearchConfig.from_preset({"search": {"space": {"epochs": {"type": "choice"}}}}, None)
+    with pytest.raises(UserError, match="no 'search' section"):
+        SearchConfig.from_preset({"trial": {}}, None)
