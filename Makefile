@@ -7,7 +7,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 DEMO_OUT ?= runs/demo
 
-.PHONY: venv demo test lint format clean
+.PHONY: venv demo test lint format clean browser
 
 $(BIN)/corroprune: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ format: venv
 
 test: venv lint
 	$(BIN)/pytest
+
+# Debian's Chromium and its driver for the report's browser tests (they skip without them).
+browser:
+	apt-get update -qq && apt-get install -y -qq chromium chromium-driver
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

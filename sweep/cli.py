@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from analysis.cli import add_report_commands
+from sweep.tune_cli import add_demo_command, add_sweep_command, add_tune_command
 from trainables.errors import UserError
 
 FORMATS = ("sscs", "nea", "folder", "synthetic")
@@ -252,22 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(sub)
     add_train_command(sub)
     add_model_commands(sub)
-    for module, function in _OPTIONAL_COMMANDS:
-        try:
-            register = getattr(__import__(module, fromlist=[function]), function)
-        except (ImportError, AttributeError):
-            continue
-        register(sub)
+    add_sweep_command(sub)
+    add_demo_command(sub)
+    add_tune_command(sub)
+    add_report_commands(sub)
     return parser
-
-
-# Commands whose modules import heavier dependencies lazily inside their handlers.
-_OPTIONAL_COMMANDS: tuple[tuple[str, str], ...] = (
-    ("sweep.tune_cli", "add_sweep_command"),
-    ("sweep.tune_cli", "add_demo_command"),
-    ("sweep.tune_cli", "add_tune_command"),
-    ("analysis.cli", "add_report_commands"),
-)
 
 
 def main(argv: list[str] | None = None) -> int:

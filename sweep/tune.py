@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sweep.grid import SweepConfig, TrialSpec, expand
-from trainables.checkpoint import write_json, write_yaml
+from trainables.checkpoint import write_json, write_text, write_yaml
 from trainables.errors import UserError
 
 STAGES = ("stage1-dense", "stage2-prune")
@@ -160,6 +160,7 @@ def run_sweep(request: SweepRequest) -> dict[str, Any]:
         flush=True,
     )
     stage1 = run_stage(STAGES[0], [s.as_param() for s in dense], run_dir, request.sweep, gpus)
+    write_label_distribution(run_dir, dense)
     failed_bases = {name: err for name, err in stage1.items() if err}
     runnable = [s for s in pruned if s.base not in failed_bases]
     dropped = [s.name for s in pruned if s.base in failed_bases]
@@ -180,6 +181,31 @@ def run_sweep(request: SweepRequest) -> dict[str, Any]:
     write_json(run_dir / "sweep_status.json", status)
     print(summary(run_dir, dense + pruned, status), flush=True)
     return status
+
+
+def write_label_distribution(run_dir: Path, dense: list[TrialSpec]) -> None:
+    """Per-class pixel shares of every dataset's splits (the paper's Figure 4), for the report."""
+    import pandas as pd
+
+    from trainables.config import TrialConfig
+    from trainables.data import synthetic_root
+    from trainables.data.check import class_distribution
+
+    tables = []
+    for dataset in dict.fromkeys(spec.config["data"]["dataset"] for spec in dense):
+        spec = next(s for s in dense if s.config["data"]["dataset"] == dataset)
+        data = TrialConfig.from_dict(spec.config).data
+        root = synthetic_root(data) if dataset == "synthetic" else Path(data.root)
+        if not root.is_dir():
+            continue  # no trial got as far as generating or reading it
+        fmt = "sscs" if dataset == "sscs" else "nea" if dataset == "nea" else "folder"
+        table = class_distribution(
+            root, fmt, sscs_variant=data.sscs_variant, num_classes=data.classes
+        )
+        tables.append(table.assign(dataset=dataset))
+    if tables:
+        csv = pd.concat(tables)[["dataset", "split", "class_id", "class_name", "pixels", "percent"]]
+        write_text(run_dir / "label_distribution.csv", csv.to_csv(index=False))
 
 
 def _write_sweep_file(request: SweepRequest, run_dir: Path) -> None:
@@ -224,6 +250,7 @@ def summary(run_dir: Path, specs: list[TrialSpec], status: dict[str, Any]) -> st
         rows.append(f"  {spec.name:<40} {text}")
     finished = sum(err is None for stage in ("dense", "pruned") for err in status[stage].values())
     total = len(specs)
-    return "\n".join(
-        [f"test mIoU per trial ({finished}/{total} finished):", *rows, f"results in {run_dir}"]
-    )
+    lines = [f"test mIoU per trial ({finished}/{total} finished):", *rows]
+    if baseline is not None:
+        lines.append(f"predicting all background would score test mIoU {baseline:.4f}")
+    return "\n".join([*lines, f"results in {run_dir}"])

@@ -64,6 +64,23 @@ def test_search_end_to_end(local_ray, finished_sweep: Path, tmp_path: Path) -> N
         if final.exists():
             assert json.loads(final.read_text())["pruned"] is None  # test untouched
     assert (tmp_path / "summary.json").exists()
+    from analysis.tuning import (
+        load_search,
+        parallel_coordinates,
+        param_importance,
+        write_tuning_report,
+    )
+
+    trials, bests = load_search(tmp_path)
+    combo = "synthetic-fpn-agp-s0.5"
+    fig = parallel_coordinates(trials, combo)
+    labels = [d.label for d in fig.data[0].dimensions]
+    assert labels[-1] == "val mIoU" and "max_lr" in labels and "class_weighting" in labels
+    importance = param_importance(trials, combo)
+    assert set(importance) <= {"max_lr", "momentum", "finetune_epochs", "alpha", "class_weighting"}
+    assert sum(importance.values()) == pytest.approx(1.0)
+    page = write_tuning_report(tmp_path).read_text()
+    assert "test mIoU, paper settings" in page and "parcoords" in page
 
 
 def test_selection_and_presets_are_checked(finished_sweep: Path) -> None:

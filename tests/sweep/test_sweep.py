@@ -33,7 +33,7 @@ def _template() -> dict:
     )
 
 
-def test_sweep_end_to_end_on_local_ray(local_ray, tmp_path: Path) -> None:
+def test_sweep_end_to_end_on_local_ray(local_ray, tmp_path: Path, capsys) -> None:
     request = SweepRequest("tiny", {}, SweepConfig.from_dict(TINY_SWEEP), _template(), tmp_path, {})
     status = run_sweep(request)  # asks for 1 GPU per trial: falls back to 0 on this machine
     assert status["failed_base_models"] == [] and status["dropped_combinations"] == []
@@ -55,6 +55,11 @@ def test_sweep_end_to_end_on_local_ray(local_ray, tmp_path: Path) -> None:
     assert final["dense"] == dense["dense"]
     assert final["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)
     assert (tmp_path / "sweep.yaml").exists() and (tmp_path / "sweep_status.json").exists()
+    printed = capsys.readouterr().out
+    assert "finished synthetic-linknet-agp-s0.5" in printed and "best test mIoU" in printed
+    assert "predicting all background would score" in printed
+    labels = (tmp_path / "label_distribution.csv").read_text().splitlines()
+    assert labels[0] == "dataset,split,class_id,class_name,pixels,percent" and len(labels) == 9
 
 
 def test_crashed_trial_resumes_from_its_own_checkpoint(local_ray, tmp_path: Path) -> None:
