@@ -39,10 +39,10 @@ def load_preset(name: str) -> dict[str, Any]:
         raise UserError(f"preset '{name}' is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise UserError(f"preset '{name}' must be a mapping with keys 'trial' and 'sweep'")
-    unknown = sorted(set(raw) - {"trial", "sweep"})
+    unknown = sorted(set(raw) - {"trial", "sweep", "search"})
     if unknown:
         raise UserError(
-            f"unknown top-level key '{unknown[0]}' in preset '{name}'; allowed: trial, sweep"
+            f"unknown top-level key '{unknown[0]}' in preset '{name}'; allowed: trial, sweep, search"
         )
     return raw
 

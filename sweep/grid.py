@@ -39,7 +39,10 @@ class SweepConfig:
         _check_choices("datasets", cfg.datasets, DATASETS)
         _check_choices("models", cfg.models, ARCHS)
         _check_choices("pruners", cfg.pruners, tuple(p for p in PRUNERS if p != "none"))
-        cfg = dataclasses.replace(cfg, sparsities=tuple(float(s) for s in cfg.sparsities))
+        try:
+            cfg = dataclasses.replace(cfg, sparsities=tuple(float(s) for s in cfg.sparsities))
+        except ValueError:
+            raise UserError(f"sweep.sparsities {list(cfg.sparsities)}: expected numbers") from None
         if not all(0 < s < 1 for s in cfg.sparsities):
             raise UserError(f"sweep.sparsities {cfg.sparsities}: each must be in (0, 1)")
         if cfg.cpus_per_trial <= 0 or cfg.gpus_per_trial < 0 or cfg.max_concurrent < 0:

@@ -266,14 +266,11 @@ def run_search(
     out: Path,
     address: str | None,
 ) -> list[dict[str, Any]]:
-    import ray
-
     from sweep.tune import _gpus_per_trial, _init_ray
 
     search = SearchConfig.from_preset(preset, samples)
     bases = pruned_trials(run_dir.resolve(), parse_select(select))
     _init_ray(address)
-    del ray
     gpus = _gpus_per_trial(search.gpus_per_trial)
     summaries = []
     for base in bases:

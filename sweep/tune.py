@@ -20,7 +20,6 @@ STAGES = ("stage1-dense", "stage2-prune")
 @dataclass(frozen=True)
 class SweepRequest:
     preset: str
-    preset_data: dict[str, Any]
     sweep: SweepConfig
     template: dict[str, Any]  # raw trial config: the preset's trial section with overrides
     run_dir: Path

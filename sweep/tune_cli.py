@@ -76,13 +76,10 @@ def build_request(args: argparse.Namespace):
         "max_concurrent": args.max_concurrent,
     }
     raw.update({k: v for k, v in flags.items() if v is not None})
-    if isinstance(raw.get("sparsities"), str):
-        raw["sparsities"] = [float(s) for s in raw["sparsities"].split(",")]
     sweep = SweepConfig.from_dict(raw)
     template = merge(preset.get("trial") or {}, parse_set(args.set))
     return SweepRequest(
         preset=args.preset,
-        preset_data=preset,
         sweep=sweep,
         template=template,
         run_dir=args.out.resolve(),
@@ -100,11 +97,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from analysis.report import build_report
+
     code = cmd_sweep(args)
+    run_dir = args.out.resolve()
+    report = build_report(run_dir)
     print(
-        f"demo finished: every trial's records, checkpoints and final metrics are in "
-        f"{args.out.resolve()}/trials"
+        f"demo finished: every trial's records, checkpoints and final metrics are in {run_dir}/trials"
     )
+    print(f"report: {report['counts']}")
+    print(f"open the dashboard: {run_dir / 'report' / 'dashboard.html'}")
     return code
 
 
@@ -130,10 +132,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     if args.samples is not None and args.samples < 1:
         raise UserError(f"--samples {args.samples}: at least 1")
+    from analysis.tuning import write_tuning_report
+
     run_search(
         load_preset(args.preset), args.run_dir, args.select, args.samples, args.out, args.address
     )
+    report = write_tuning_report(args.out)
     print(
-        f"search results in {args.out.resolve()} (summary.json, <combination>/best.json, trials.csv)"
+        f"search results in {args.out.resolve()}: summary.json, <combination>/best.json, trials.csv"
     )
+    print(f"report: {report}")
     return 0

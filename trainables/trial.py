@@ -156,7 +156,7 @@ class Trial:
         path = self.out / "metrics.jsonl"
         records = read_jsonl(path)
         kept = [r for r in records if r["global_epoch"] <= global_epoch]
-        if len(kept) != len(records) or (path.exists() and not records and global_epoch == 0):
+        if len(kept) != len(records):
             write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def save(self, pos: Position, optimizer: Any, scheduler: Any) -> None:

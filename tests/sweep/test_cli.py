@@ -28,6 +28,11 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
         ),
         (["data", "check", "/nonexistent", "--format", "folder"], "data root not found"),
         (["sweep", "--preset", "demo", "--models", "vgg", "--out", "X"], "sweep.models"),
+        (
+            ["sweep", "--preset", "demo", "--sparsities", "0.5,half", "--out", "X"],
+            "expected numbers",
+        ),
+        (["tune", "--from", "/nonexistent", "--out", "X"], "not a sweep folder"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(

@@ -34,7 +34,7 @@ def _template() -> dict:
 
 
 def test_sweep_end_to_end_on_local_ray(local_ray, tmp_path: Path, capsys) -> None:
-    request = SweepRequest("tiny", {}, SweepConfig.from_dict(TINY_SWEEP), _template(), tmp_path, {})
+    request = SweepRequest("tiny", SweepConfig.from_dict(TINY_SWEEP), _template(), tmp_path, {})
     status = run_sweep(request)  # asks for 1 GPU per trial: falls back to 0 on this machine
     assert status["failed_base_models"] == [] and status["dropped_combinations"] == []
     assert set(status["dense"]) == {"synthetic-fpn-dense", "synthetic-linknet-dense"}
@@ -78,7 +78,7 @@ def test_crashed_trial_resumes_from_its_own_checkpoint(local_ray, tmp_path: Path
 def test_a_failed_base_model_drops_only_its_combinations(local_ray, tmp_path: Path) -> None:
     sweep = SweepConfig.from_dict({**TINY_SWEEP, "max_failures": 0})
     template = _template()
-    request = SweepRequest("tiny", {}, sweep, template, tmp_path, {})
+    request = SweepRequest("tiny", sweep, template, tmp_path, {})
     # A dense checkpoint that cannot be read: stage 1 for fpn "finishes" from a corrupt state.
     bad = tmp_path / "trials" / "synthetic-fpn-dense" / "checkpoints"
     bad.mkdir(parents=True)
