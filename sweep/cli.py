@@ -199,6 +199,44 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_predict)
 
 
+def add_bench_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench-infer", help="latency, parameters, MACs, file size, peak memory")
+    p.add_argument("checkpoints", type=Path, nargs="+", help=".pt checkpoints or compact files")
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=(736, 1280),
+        metavar=("H", "W"),
+        help="input size (default: an NEA frame padded to 736x1280)",
+    )
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--json", type=Path, help="also write the measurements here")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from trainables.bench_infer import bench, table
+    from trainables.checkpoint import write_json
+
+    missing = [str(p) for p in args.checkpoints if not p.is_file()]
+    if missing:
+        raise UserError(f"checkpoint not found: {', '.join(missing)}")
+    h, w = args.size
+    if h % 32 or w % 32 or args.repeats < 1:
+        raise UserError(f"--size {h} {w}: multiples of 32; --repeats at least 1")
+    results = bench(args.checkpoints, h, w, args.repeats, args.threads, args.device)
+    print(f"# batch 1, {h}x{w}, {args.device}, {args.threads} thread(s), {args.repeats} runs")
+    print(table(results))
+    if args.json:
+        write_json(args.json, [asdict(r) for r in results])
+    return 0
+
+
 def load_any_model(path: Path):
     """A model and its config from a .pt checkpoint or a compact export."""
     from trainables.export import load_compact
@@ -254,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(sub)
     add_train_command(sub)
     add_model_commands(sub)
+    add_bench_command(sub)
     add_sweep_command(sub)
     add_demo_command(sub)
     add_tune_command(sub)

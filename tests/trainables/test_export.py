@@ -126,3 +126,22 @@ def test_export_command(tmp_path: Path, capsys) -> None:
         main(["export", str(ckpt), "--format", "onnx", "--size", "60", "64", "--out", "x.onnx"])
         == 2
     )
+
+
+def test_bench_infer_measures_each_model(tmp_path: Path, capsys) -> None:
+    paths = []
+    for sparsity in (0.2, 0.9):
+        model, cfg = pruned_model("linknet", sparsity=sparsity)
+        path = tmp_path / f"s{sparsity}.pt"
+        save_checkpoint({"model": model.state_dict(), "config": cfg.to_dict()}, path)
+        paths.append(str(path))
+    out_json = tmp_path / "bench.json"
+    argv = ["bench-infer", *paths, "--size", "64", "64", "--repeats", "2", "--threads", "1"]
+    assert main([*argv, "--json", str(out_json)]) == 0
+    printed = capsys.readouterr().out
+    assert "| s0.2.pt | linknet / tu-test_resnet |" in printed and "| s0.9.pt |" in printed
+    rows = json.loads(out_json.read_text())
+    assert rows[0]["params"] == rows[1]["params"] and rows[0]["gmacs"] == rows[1]["gmacs"] > 0
+    assert rows[1]["nonzero_params"] < rows[0]["nonzero_params"]
+    assert all(r["latency_ms"] > 0 and r["peak_rss_mib"] > 0 for r in rows)
+    assert main(["bench-infer", str(tmp_path / "nope.pt")]) == 2

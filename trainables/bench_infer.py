@@ -1,0 +1,119 @@
+"""Inference cost of models side by side: latency, parameters, MACs, file size and peak memory.
+
+Each model is measured in a fresh process, so peak memory is its own and not the previous one's.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@dataclass(frozen=True)
+class InferenceCost:
+    model: str
+    arch: str
+    encoder: str
+    params: int
+    nonzero_params: int
+    gmacs: float  # dense multiply-accumulates: zeros in dense kernels still cost
+    file_mib: float
+    latency_ms: float  # median, batch 1
+    latency_p90_ms: float
+    peak_rss_mib: float
+    device: str
+
+
+def _load(path: Path):
+    from trainables.errors import UserError
+
+    if path.suffix == ".safetensors":
+        from trainables.export import load_compact
+
+        return load_compact(path)
+    from trainables.trial import model_from_checkpoint
+
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    return model_from_checkpoint(path)
+
+
+def measure(
+    path: Path, height: int, width: int, repeats: int, threads: int, device: str
+) -> InferenceCost:
+    torch.set_num_threads(threads)
+    model, cfg = _load(path)
+    dev = torch.device(device)
+    model = model.eval().to(dev)
+    x = torch.randn(1, 3, height, width, device=dev)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+        times = []
+        for i in range(repeats + 3):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(x)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 3:  # warm-up
+                times.append((time.perf_counter() - t0) * 1000)
+    times.sort()
+    params = sum(p.numel() for p in model.parameters())
+    return InferenceCost(
+        model=str(path),
+        arch=cfg.model.arch,
+        encoder=cfg.model.encoder,
+        params=params,
+        nonzero_params=sum(int(torch.count_nonzero(p)) for p in model.parameters()),
+        gmacs=counter.get_total_flops() / 2e9,
+        file_mib=path.stat().st_size / 2**20,
+        latency_ms=statistics.median(times),
+        latency_p90_ms=times[min(len(times) - 1, int(0.9 * len(times)))],
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        device=device,
+    )
+
+
+def _worker(args: tuple) -> dict:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return asdict(measure(*args))
+
+
+def bench(
+    paths: list[Path], height: int, width: int, repeats: int, threads: int, device: str
+) -> list[InferenceCost]:
+    """Each model in its own spawned process, one after the other (never concurrently)."""
+    ctx = mp.get_context("spawn")
+    results = []
+    for path in paths:
+        with ctx.Pool(1) as pool:
+            results.append(
+                InferenceCost(
+                    **pool.apply(_worker, ((path, height, width, repeats, threads, device),))
+                )
+            )
+    return results
+
+
+def table(results: list[InferenceCost]) -> str:
+    rows = [
+        "| model | arch / encoder | params | non-zero | GMACs | file MiB | latency ms (p50 / p90) | peak RSS MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        rows.append(
+            f"| {Path(r.model).name} | {r.arch} / {r.encoder} | {r.params:,} | {r.nonzero_params:,} | "
+            f"{r.gmacs:.2f} | {r.file_mib:.1f} | {r.latency_ms:.1f} / {r.latency_p90_ms:.1f} | "
+            f"{r.peak_rss_mib:.0f} |"
+        )
+    return "\n".join(rows)
