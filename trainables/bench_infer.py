@@ -105,6 +105,13 @@ def bench(
     return results
 
 
+def label(path: Path) -> str:
+    """`trial/final.pt` for a run's checkpoint, else the file name."""
+    return (
+        f"{path.parent.parent.name}/{path.name}" if path.parent.name == "checkpoints" else path.name
+    )
+
+
 def table(results: list[InferenceCost]) -> str:
     rows = [
         "| model | arch / encoder | params | non-zero | GMACs | file MiB | latency ms (p50 / p90) | peak RSS MiB |",
@@ -112,7 +119,7 @@ def table(results: list[InferenceCost]) -> str:
     ]
     for r in results:
         rows.append(
-            f"| {Path(r.model).name} | {r.arch} / {r.encoder} | {r.params:,} | {r.nonzero_params:,} | "
+            f"| {label(Path(r.model))} | {r.arch} / {r.encoder} | {r.params:,} | {r.nonzero_params:,} | "
             f"{r.gmacs:.2f} | {r.file_mib:.1f} | {r.latency_ms:.1f} / {r.latency_p90_ms:.1f} | "
             f"{r.peak_rss_mib:.0f} |"
         )
