@@ -113,7 +113,8 @@ class RuntimeConfig:
     device: str = "auto"
     threads: int | None = None  # torch threads (None: leave as is; Ray sets it from trial CPUs)
     progress: bool = True  # a progress bar per epoch when stderr is a terminal
-    amp: bool = False
+    amp: bool = False  # bfloat16 autocast for the forward passes (no loss scaling needed)
+    channels_last: bool = False  # NHWC memory format for model and inputs
 
 
 @dataclass(frozen=True)

@@ -132,6 +132,15 @@ def _progress(loader: DataLoader, desc: str, runtime: RuntimeConfig) -> Any:
     return tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True)
 
 
+def forward(model: nn.Module, images: torch.Tensor, runtime: RuntimeConfig) -> torch.Tensor:
+    """Logits in float32, computed under bf16 autocast and/or channels-last when configured."""
+    if runtime.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=runtime.amp):
+        logits = model(images)  # (N, C, H, W)
+    return logits.float()
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -146,13 +155,14 @@ def train_one_epoch(
 ) -> float:
     """Mean training loss over the epoch; synchronises with the device once, at the end."""
     hooks = hooks or StepHooks()
+    runtime = runtime or RuntimeConfig()
     model.train()
     total = torch.zeros((), device=device)
     seen = 0
-    for images, masks in _progress(loader, desc, runtime or RuntimeConfig()):
+    for images, masks in _progress(loader, desc, runtime):
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(images), masks)  # logits (N, C, H, W), masks (N, H, W)
+        loss = loss_fn(forward(model, images, runtime), masks)  # masks (N, H, W)
         loss.backward()
         if hooks.after_backward:
             hooks.after_backward()
@@ -178,13 +188,14 @@ def evaluate(
     desc: str = "eval",
 ) -> dict[str, Any]:
     """Loss and dataset-level IoU (one confusion matrix over the whole split)."""
+    runtime = runtime or RuntimeConfig()
     model.eval()
     meter = ConfusionMeter(num_classes, device, IGNORE_INDEX)
     total = torch.zeros((), device=device)
     seen = 0
-    for images, masks in _progress(loader, desc, runtime or RuntimeConfig()):
+    for images, masks in _progress(loader, desc, runtime):
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-        logits = model(images)
+        logits = forward(model, images, runtime)
         total += loss_fn(logits, masks) * images.shape[0]
         seen += images.shape[0]
         meter.update(logits, masks)

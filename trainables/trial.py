@@ -90,6 +90,8 @@ class Trial:
         self.data = build_datasets(cfg.data, cfg.seed)
         self.num_classes = cfg.data.classes
         self.model = build_model(cfg.model, self.num_classes).to(self.device)
+        if cfg.runtime.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_fn = engine.build_loss(cfg.loss).to(self.device)
         self.val_loader = self._loader(self.data.val, train=False)
         self.test_loader = self._loader(self.data.test, train=False)

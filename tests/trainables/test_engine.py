@@ -75,3 +75,37 @@ def test_cyclical_lr_period_follows_config(half: int) -> None:
         optimizer.step()
         scheduler.step()
     assert math.isclose(scheduler.get_last_lr()[0], 1e-4)
+
+
+def test_bf16_autocast_and_channels_last_train_like_fp32() -> None:
+    from trainables.config import ModelConfig, RuntimeConfig
+    from trainables.engine import forward, make_loader, train_one_epoch
+    from trainables.models import build_model
+
+    g = torch.Generator().manual_seed(0)
+    data = [
+        (torch.randn(3, 64, 64, generator=g), torch.randint(0, 4, (64, 64), generator=g))
+        for _ in range(8)
+    ]
+    losses = {}
+    for amp in (False, True):
+        torch.manual_seed(0)
+        model = build_model(
+            ModelConfig(arch="linknet", encoder="tu-test_resnet", encoder_weights=None), 4
+        )
+        runtime = RuntimeConfig(amp=amp, channels_last=amp, progress=False)
+        if amp:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer, scheduler = build_optimizer(model, OptimConfig())
+        loader = make_loader(data, 4, train=False)
+        losses[amp] = train_one_epoch(
+            model,
+            loader,
+            build_loss(LossConfig()),
+            optimizer,
+            scheduler,
+            torch.device("cpu"),
+            runtime=runtime,
+        )
+        assert forward(model, data[0][0][None], runtime).dtype == torch.float32
+    assert math.isfinite(losses[True]) and losses[True] == pytest.approx(losses[False], rel=0.05)
