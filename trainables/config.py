@@ -246,9 +246,11 @@ def validate(cfg: TrialConfig) -> None:
     _choice("pruning.scope", p.scope, SCOPES)
     _choice("runtime.device", cfg.runtime.device, DEVICES)
     if d.dataset == "synthetic":
-        _check(
-            d.synthetic.classes in (3, 4), "data.synthetic.classes", d.synthetic.classes, "3 or 4"
-        )
+        syn = d.synthetic
+        _check(syn.classes in (3, 4), "data.synthetic.classes", syn.classes, "3 or 4")
+        _check(syn.train >= 2, "data.synthetic.train", syn.train, "at least 2 (train and val)")
+        _check(syn.test >= 1, "data.synthetic.test", syn.test, "at least 1")
+        _check(syn.size >= 32, "data.synthetic.size", syn.size, "at least 32 pixels")
     expected = d.synthetic.classes if d.dataset == "synthetic" else NUM_CLASSES.get(d.dataset)
     if d.num_classes is not None and expected is not None:
         _check(

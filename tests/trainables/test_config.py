@@ -40,6 +40,7 @@ def test_unknown_key_is_named_with_allowed_keys() -> None:
             r"stages\.prune_epochs.*multiple of pruning\.steps=3",
         ),
         ({"loss": {"class_weights": [1, 2]}, "data": {"dataset": "nea"}}, r"3 weights"),
+        ({"data": {"synthetic": {"train": 0}}}, r"data\.synthetic\.train.*at least 2"),
     ],
 )
 def test_invalid_values_are_rejected(config: dict, pattern: str) -> None:
