@@ -55,6 +55,12 @@ class SearchConfig:
                 raise UserError(
                     f"search.space.{name}: type must be one of {', '.join(SPACE_TYPES)}"
                 )
+            if name == "class_weighting":
+                bad = [v for v in spec.get("values", []) if v not in CLASS_WEIGHTINGS]
+                if spec["type"] != "choice" or bad:
+                    raise UserError(
+                        f"search.space.class_weighting: a choice of {', '.join(CLASS_WEIGHTINGS)}"
+                    )
         sweep = preset.get("sweep") or {}
         return cls(
             samples=samples or int(search.get("samples", 20)),
@@ -165,14 +171,19 @@ def search_one(
     }
     trainable = tune.with_resources(finetune_trial, {"cpu": search.cpus_per_trial, "gpu": gpus})
     path = out / "search"
+    space = {**fixed, **tune_space(search.space)}
     if tune.Tuner.can_restore(str(path)):
         print(f"[{base['name']}] resuming the search from {path}", flush=True)
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+        # The same space again, as in the sweep: a search killed before its first trial started
+        # leaves no resolved trial configs behind.
+        tuner = tune.Tuner.restore(
+            str(path), trainable=trainable, resume_errored=True, param_space=space
+        )
     else:
         max_t = search.max_epochs(base["config"]["stages"]["finetune_epochs"])
         tuner = tune.Tuner(
             trainable,
-            param_space={**fixed, **tune_space(search.space)},
+            param_space=space,
             tune_config=tune.TuneConfig(
                 metric="val_miou",
                 mode="max",

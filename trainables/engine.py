@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from trainables.config import LossConfig, OptimConfig, RuntimeConfig
 from trainables.data.dataset import IGNORE_INDEX
+from trainables.errors import UserError
 from trainables.metrics import ConfusionMeter
 
 
@@ -71,8 +72,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from trainables.errors import UserError
-
         raise UserError("runtime.device is 'cuda' but no CUDA device is available; use auto or cpu")
     return torch.device(name)
 

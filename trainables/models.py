@@ -77,7 +77,3 @@ def load_encoder_weights(model: nn.Module, path: Path) -> None:
             f"encoder (first keys: {list(state)[:3]})"
         )
     del unexpected  # extra keys (e.g. an ImageNet fc head) are expected and dropped
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

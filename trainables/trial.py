@@ -36,7 +36,6 @@ from trainables.pruning.pruner import Pruner
 
 Reporter = Callable[[dict[str, Any]], None]
 EXAMPLES = 4  # test images whose predictions are kept for the report
-STAGES = ("train", "prune", "finetune")
 
 
 def stage_plan(

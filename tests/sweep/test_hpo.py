@@ -95,5 +95,8 @@ def test_selection_and_presets_are_checked(finished_sweep: Path) -> None:
     assert len(pruned_trials(finished_sweep, {"sparsity": "0.5"})) == 1
     with pytest.raises(UserError, match="not searchable"):
         SearchConfig.from_preset({"search": {"space": {"epochs": {"type": "choice"}}}}, None)
+    weighting = {"class_weighting": {"type": "choice", "values": ["none", "balanced"]}}
+    with pytest.raises(UserError, match="a choice of none, inverse_sqrt_frequency"):
+        SearchConfig.from_preset({"search": {"space": weighting}}, None)
     with pytest.raises(UserError, match="no 'search' section"):
         SearchConfig.from_preset({"trial": {}}, None)
