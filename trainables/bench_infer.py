@@ -12,8 +12,10 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -46,6 +48,30 @@ def _load(path: Path):
     return model_from_checkpoint(path)
 
 
+def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int, warmup: int = 3) -> list[float]:
+    """Sorted wall times of `repeats` forward passes after `warmup` ones (synchronised on CUDA)."""
+    cuda = x.device.type == "cuda"
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + warmup):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(x)
+            if cuda:
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1000)
+    return sorted(times)
+
+
+def gmacs(model: nn.Module, x: torch.Tensor) -> float:
+    """Multiply-accumulates of one forward pass, dense kernels (zeros still cost)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() / 2e9
+
+
 def measure(
     path: Path, height: int, width: int, repeats: int, threads: int, device: str
 ) -> InferenceCost:
@@ -54,20 +80,8 @@ def measure(
     dev = torch.device(device)
     model = model.eval().to(dev)
     x = torch.randn(1, 3, height, width, device=dev)
-    with torch.no_grad():
-        with FlopCounterMode(display=False) as counter:
-            model(x)
-        times = []
-        for i in range(repeats + 3):
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(x)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= 3:  # warm-up
-                times.append((time.perf_counter() - t0) * 1000)
-    times.sort()
+    macs = gmacs(model, x)
+    times = latency_ms(model, x, repeats)
     params = sum(p.numel() for p in model.parameters())
     return InferenceCost(
         model=str(path),
@@ -75,13 +89,39 @@ def measure(
         encoder=cfg.model.encoder,
         params=params,
         nonzero_params=sum(int(torch.count_nonzero(p)) for p in model.parameters()),
-        gmacs=counter.get_total_flops() / 2e9,
+        gmacs=macs,
         file_mib=path.stat().st_size / 2**20,
         latency_ms=statistics.median(times),
         latency_p90_ms=times[min(len(times) - 1, int(0.9 * len(times)))],
         peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         device=device,
     )
+
+
+def inference_summary(
+    full: nn.Module, deployable: nn.Module, size: tuple[int, int], repeats: int
+) -> dict[str, Any]:
+    """What a trial records of its final model's cost: parameters, MACs, file sizes and (when
+    `repeats` > 0) batch-1 CPU latency with the process's torch threads, at `size`."""
+    from trainables.export import compact_bytes
+
+    deployable = deployable.eval().cpu()
+    x = torch.randn(1, 3, *size)
+    dense_bytes = sum(t.numel() * 4 for t in full.state_dict().values() if t.is_floating_point())
+    return {
+        "params": sum(p.numel() for p in deployable.parameters()),
+        "nonzero_params": sum(int(torch.count_nonzero(p)) for p in deployable.parameters()),
+        "gmacs": round(gmacs(deployable, x), 4),
+        "size": list(size),
+        "dense_fp32_mib": round(dense_bytes / 2**20, 4),
+        "compact_mib": round(compact_bytes(deployable, fp16=False) / 2**20, 4),
+        "compact_fp16_mib": round(compact_bytes(deployable, fp16=True) / 2**20, 4),
+        "latency_ms": (
+            round(statistics.median(latency_ms(deployable, x, repeats)), 3) if repeats else None
+        ),
+        "latency_device": "cpu",
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _worker(args: tuple) -> dict:

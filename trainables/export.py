@@ -15,8 +15,33 @@ from trainables.checkpoint import _atomic
 from trainables.config import TrialConfig
 from trainables.errors import UserError
 from trainables.models import build_model
+from trainables.pruning import channels
 
 FORMAT = "corroprune-compact-v1"
+
+
+def slim(model: nn.Module, cfg: TrialConfig, masks: dict[str, torch.Tensor] | None) -> nn.Module:
+    """The deployable model: a channel-pruned one with its dropped channels cut out (in place);
+    any other model as it is."""
+    if cfg.pruning.granularity != "channel" or not masks:
+        return model
+    groups = channels.find_groups(model, cfg.pruning.exclude)
+    return channels.shrink(model, groups, channels.keeps_from_masks(model, groups, masks))
+
+
+def channel_structure(model: nn.Module, cfg: TrialConfig) -> dict[str, int]:
+    """Channels per prunable group as the model has them now: what rebuilds a slim model."""
+    if cfg.pruning.granularity != "channel":
+        return {}
+    return {g.producer: g.channels for g in channels.find_groups(model, cfg.pruning.exclude)}
+
+
+def rebuild(cfg: TrialConfig, structure: dict[str, int]) -> nn.Module:
+    """An untrained model of the stored architecture, slim where `structure` says so."""
+    model = build_model(cfg.model, cfg.data.classes)
+    if structure:
+        channels.reshape_to(model, structure, cfg.pruning.exclude)
+    return model
 
 
 def _sparse_pays(tensor: torch.Tensor, value_bytes: int) -> bool:
@@ -73,10 +98,18 @@ def export_compact(model: nn.Module, cfg: TrialConfig, path: Path, *, fp16: bool
         "config": json.dumps(cfg.to_dict()),
         "shapes": json.dumps({k: list(v.shape) for k, v in state.items()}),
         "dtypes": json.dumps({k: str(v.dtype).removeprefix("torch.") for k, v in state.items()}),
+        "channels": json.dumps(channel_structure(model, cfg)),
     }
     flat = compact_state(state, fp16=fp16)
     _atomic(Path(path), lambda tmp: save_file(flat, str(tmp), metadata=meta))
     return Path(path)
+
+
+def compact_bytes(model: nn.Module, *, fp16: bool) -> int:
+    """Size of the compact export of `model` (tensors and header), computed in memory."""
+    from safetensors.torch import save
+
+    return len(save(compact_state(model.state_dict(), fp16=fp16)))
 
 
 def load_compact(path: Path) -> tuple[nn.Module, TrialConfig]:
@@ -91,7 +124,7 @@ def load_compact(path: Path) -> tuple[nn.Module, TrialConfig]:
     if meta.get("format") != FORMAT:
         raise UserError(f"{path} is not a corroprune compact model (format {meta.get('format')!r})")
     cfg = TrialConfig.from_dict(json.loads(meta["config"])).replace(model={"encoder_weights": None})
-    model = build_model(cfg.model, cfg.data.classes)
+    model = rebuild(cfg, json.loads(meta.get("channels", "{}")))
     state = expand_state(flat, json.loads(meta["shapes"]), json.loads(meta["dtypes"]))
     model.load_state_dict(state)
     return model.eval(), cfg

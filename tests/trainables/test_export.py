@@ -14,21 +14,53 @@ from trainables.config import TrialConfig
 from trainables.export import export_compact, export_onnx, load_compact, verify_onnx
 from trainables.models import build_model
 from trainables.pruning.pruner import Pruner
+from trainables.trial import model_from_checkpoint
 
 
-def pruned_model(arch: str, encoder: str = "tu-test_resnet", sparsity: float = 0.9):
+def pruned_model(
+    arch: str, encoder: str = "tu-test_resnet", sparsity: float = 0.9, granularity: str = "element"
+):
+    model, cfg, _ = pruned_with_masks(arch, encoder, sparsity, granularity)
+    return model, cfg
+
+
+def pruned_with_masks(arch: str, encoder: str, sparsity: float, granularity: str):
     cfg = TrialConfig.from_dict(
         {
             "data": {"dataset": "synthetic"},
             "model": {"arch": arch, "encoder": encoder, "encoder_weights": None},
-            "pruning": {"pruner": "magnitude", "sparsity": sparsity, "steps": 1},
+            "pruning": {
+                "pruner": "magnitude",
+                "sparsity": sparsity,
+                "steps": 1,
+                "granularity": granularity,
+            },
             "stages": {"prune_epochs": 1},
         }
     )
     torch.manual_seed(0)
     model = build_model(cfg.model, 4).eval()
-    Pruner(cfg.pruning, model, prune_epochs=1, iters_per_epoch=1).end_of_epoch(1)
-    return model, cfg
+    pruner = Pruner(cfg.pruning, model, prune_epochs=1, iters_per_epoch=1)
+    pruner.end_of_epoch(1)
+    return model, cfg, pruner.masks.state_dict()
+
+
+@pytest.mark.parametrize("arch", ["unet", "unetplusplus", "fpn", "linknet", "manet"])
+def test_channel_pruned_checkpoint_loads_slim_and_round_trips(arch: str, tmp_path: Path) -> None:
+    """final.pt of a channel-pruned model loads with its channels cut out (fewer parameters,
+    same outputs), and its compact export rebuilds the slim structure exactly."""
+    masked, cfg, masks = pruned_with_masks(arch, "tu-test_resnet", 0.5, "channel")
+    ckpt = tmp_path / "final.pt"
+    save_checkpoint({"model": masked.state_dict(), "config": cfg.to_dict(), "masks": masks}, ckpt)
+    slim, _ = model_from_checkpoint(ckpt)
+    assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in masked.parameters())
+    export_compact(slim.eval(), cfg, tmp_path / "slim.safetensors")
+    loaded, _ = load_compact(tmp_path / "slim.safetensors")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = masked(x)
+        torch.testing.assert_close(slim.eval()(x), expected, atol=1e-4, rtol=1e-4)
+        assert torch.equal(loaded(x), slim(x))
 
 
 @pytest.mark.parametrize("arch", ["unet", "unetplusplus", "fpn", "linknet", "manet"])

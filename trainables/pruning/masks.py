@@ -117,13 +117,18 @@ class MaskSet:
         self.update({n: state[n].bool() for n in self.params})
 
 
-def sparsity_stats(model: nn.Module, masks: MaskSet | None) -> dict[str, float | int]:
-    """Sparsity over prunable weights (from the masks) and over all parameters (exact zeros)."""
+def sparsity_stats(
+    model: nn.Module, masks: MaskSet | None, achieved: float | None = None
+) -> dict[str, float | int]:
+    """Sparsity over prunable units (`achieved`, else from the masks) and over all parameters
+    (exact zeros)."""
     total = sum(p.numel() for p in model.parameters())
     nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
     prunable = sum(m.numel() for m in masks.masks.values()) if masks is not None else 0
+    if achieved is None:
+        achieved = masks.sparsity() if masks is not None else 0.0
     return {
-        "achieved_sparsity": masks.sparsity() if masks is not None else 0.0,
+        "achieved_sparsity": achieved,
         "overall_sparsity": 1.0 - nonzero / max(total, 1),
         "nonzero_params": nonzero,
         "total_params": total,

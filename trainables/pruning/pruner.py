@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from trainables.config import PruningConfig
-from trainables.pruning import importance, schedules
+from trainables.errors import UserError
+from trainables.pruning import channels, importance, schedules
 from trainables.pruning.masks import MaskSet, global_masks, layer_masks, prunable_parameters
 
 ACCUMULATING = ("lp", "agp", "mp")
@@ -20,6 +21,9 @@ class Pruner:
     The training loop owns the counters and calls: `after_backward()` each prune-stage step,
     `masks.mask_gradients()` before and `after_step(optimizer)` after each optimizer step,
     `end_of_epoch(epoch)` after each prune-stage epoch, `freeze()` before fine-tuning.
+
+    Granularity `element` masks single weights; `channel` masks whole channel groups
+    (`channels.find_groups`), scored per channel, so that `channels.shrink` can cut them out.
     """
 
     def __init__(
@@ -28,13 +32,28 @@ class Pruner:
         self.cfg = cfg
         self.prune_epochs = prune_epochs
         self.iters_per_epoch = iters_per_epoch
-        self.masks = MaskSet(prunable_parameters(model, cfg.exclude))
-        self.scores = (
-            {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.masks.params.items()}
-            if cfg.pruner in ACCUMULATING
-            else {}
-        )
+        self.model = model
+        self.groups: list[channels.ChannelGroup] = []
+        if cfg.granularity == "channel":
+            self.groups = channels.find_groups(model, cfg.exclude)
+            if not self.groups:
+                raise UserError(
+                    f"pruning.granularity 'channel': model {type(model).__name__} has no channel "
+                    "that only one convolution reads; use granularity 'element'"
+                )
+            self.slices = {g.producer: channels.group_slices(model, g) for g in self.groups}
+            self.consumers = {g.producer: channels.consumer_slice(model, g) for g in self.groups}
+            self.masks = MaskSet(channels.group_parameters(model, self.groups))
+        else:
+            self.masks = MaskSet(prunable_parameters(model, cfg.exclude))
+        self.scores = self._fresh_scores() if cfg.pruner in ACCUMULATING else {}
         self.frozen = False
+
+    def _fresh_scores(self) -> dict[str, torch.Tensor]:
+        if self.groups:
+            device = next(iter(self.masks.params.values())).device
+            return {g.producer: torch.zeros(g.channels, device=device) for g in self.groups}
+        return {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.masks.params.items()}
 
     # ---- schedule (pure in the epoch) ---------------------------------------------------------
 
@@ -72,6 +91,14 @@ class Pruner:
         """Accumulate this step's importance on the masked weights (no host synchronisation)."""
         if self.frozen or not self.scores:
             return
+        if self.groups:
+            for g in self.groups:
+                gw = channels.channel_gw(*self.consumers[g.producer])  # (channels,)
+                if self.cfg.pruner == "mp":
+                    self.scores[g.producer].sub_(gw)  # movement: -sum g w
+                else:
+                    self.scores[g.producer].add_(gw.pow(2))  # group Taylor: (sum g w)^2
+            return
         score = importance.movement_score if self.cfg.pruner == "mp" else importance.taylor_score
         for name, p in self.masks.params.items():
             if p.grad is not None:
@@ -86,17 +113,42 @@ class Pruner:
         if self.frozen or not self._is_update_epoch(epoch):
             return False
         ranking = self._ranking_scores()
-        compute = global_masks if self.cfg.scope == "global" else layer_masks
-        self.masks.update(compute(ranking, self.masks.masks, self.target_sparsity(epoch)))
+        target = self.target_sparsity(epoch)
+        if self.groups:
+            keeps = self.channel_keeps()
+            new = {
+                g.producer: channels.channel_keep(ranking[g.producer], keeps[g.producer], target)
+                for g in self.groups
+            }
+            self.masks.update(channels.param_masks(self.model, self.groups, new))
+        else:
+            compute = global_masks if self.cfg.scope == "global" else layer_masks
+            self.masks.update(compute(ranking, self.masks.masks, target))
         if self.cfg.pruner in ("lp", "agp"):  # Taylor: a fresh estimate for the next interval
             for s in self.scores.values():
                 s.zero_()
         return True
 
     def _ranking_scores(self) -> dict[str, torch.Tensor]:
+        if self.cfg.pruner == "magnitude" and self.groups:
+            return {n: channels.channel_magnitude(s).cpu() for n, s in self.slices.items()}
         if self.cfg.pruner == "magnitude":
             return {n: importance.magnitude_score(p.detach()) for n, p in self.masks.params.items()}
+        if self.groups:
+            return {n: s.cpu() for n, s in self.scores.items()}
         return self.scores
+
+    def channel_keeps(self) -> dict[str, torch.Tensor]:
+        """Channel granularity: which channels of each group are kept, (channels,) bool on CPU."""
+        return channels.keeps_from_masks(self.model, self.groups, self.masks.masks)
+
+    def achieved_sparsity(self) -> float:
+        """Fraction of prunable weights (element) or prunable channels (channel) removed."""
+        if not self.groups:
+            return self.masks.sparsity()
+        keeps = self.channel_keeps()
+        total = sum(k.numel() for k in keeps.values())
+        return 1.0 - sum(int(k.sum()) for k in keeps.values()) / max(total, 1)
 
     def freeze(self) -> None:
         """Masks fixed from here on (fine-tuning); accumulators released."""
