@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainables.config import ARCHS, DATASETS, PRUNERS, TrialConfig, merge
+from trainables.config import ARCHS, DATASETS, GRANULARITIES, PRUNERS, TrialConfig, merge
 from trainables.errors import UserError
 
 
@@ -17,6 +18,7 @@ class SweepConfig:
     models: tuple[str, ...] = ARCHS
     pruners: tuple[str, ...] = ("lp", "agp", "mp")
     sparsities: tuple[float, ...] = (0.2, 0.5, 0.9)
+    granularities: tuple[str, ...] = ("element",)  # element (the paper) and/or channel
     cpus_per_trial: float = 4
     gpus_per_trial: float = 1
     max_concurrent: int = 0  # 0: as many as resources allow
@@ -31,7 +33,7 @@ class SweepConfig:
             raise UserError(
                 f"unknown sweep key '{unknown[0]}'; allowed: {', '.join(sorted(fields))}"
             )
-        for key in ("datasets", "models", "pruners", "sparsities"):
+        for key in ("datasets", "models", "pruners", "sparsities", "granularities"):
             if key in config:
                 value = config[key]
                 config[key] = tuple(value.split(",") if isinstance(value, str) else value)
@@ -39,6 +41,7 @@ class SweepConfig:
         _check_choices("datasets", cfg.datasets, DATASETS)
         _check_choices("models", cfg.models, ARCHS)
         _check_choices("pruners", cfg.pruners, tuple(p for p in PRUNERS if p != "none"))
+        _check_choices("granularities", cfg.granularities, GRANULARITIES)
         try:
             cfg = dataclasses.replace(cfg, sparsities=tuple(float(s) for s in cfg.sparsities))
         except ValueError:
@@ -81,8 +84,11 @@ def dense_name(dataset: str, model: str) -> str:
     return f"{dataset}-{model}-dense"
 
 
-def pruned_name(dataset: str, model: str, pruner: str, sparsity: float) -> str:
-    return f"{dataset}-{model}-{pruner}-s{sparsity:g}"
+def pruned_name(
+    dataset: str, model: str, pruner: str, sparsity: float, granularity: str = "element"
+) -> str:
+    kind = "" if granularity == "element" else f"-{granularity}"
+    return f"{dataset}-{model}-{pruner}{kind}-s{sparsity:g}"
 
 
 def _trial_config(
@@ -116,17 +122,15 @@ def expand(
                 pruning={"pruner": "none", "sparsity": 0.0},
             )
             dense.append(TrialSpec(base, config, str(trials_dir / base)))
-            for pruner in sweep.pruners:
-                for sparsity in sweep.sparsities:
-                    name = pruned_name(dataset, model, pruner, sparsity)
-                    config = _trial_config(
-                        template,
-                        dataset,
-                        roots,
-                        model={"arch": model},
-                        pruning={"pruner": pruner, "sparsity": sparsity},
-                    )
-                    pruned.append(TrialSpec(name, config, str(trials_dir / name), base=base))
+            for granularity, pruner, sparsity in itertools.product(
+                sweep.granularities, sweep.pruners, sweep.sparsities
+            ):
+                name = pruned_name(dataset, model, pruner, sparsity, granularity)
+                pruning = {"pruner": pruner, "sparsity": sparsity, "granularity": granularity}
+                config = _trial_config(
+                    template, dataset, roots, model={"arch": model}, pruning=pruning
+                )
+                pruned.append(TrialSpec(name, config, str(trials_dir / name), base=base))
     return dense, pruned
 
 

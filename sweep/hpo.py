@@ -97,6 +97,9 @@ def tune_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+SELECT_KEYS = ("dataset", "model", "pruner", "sparsity", "granularity")
+
+
 def parse_select(text: str | None) -> dict[str, str]:
     """`model=fpn,pruner=agp,sparsity=0.9` -> filters on the sweep's trials."""
     if not text:
@@ -104,8 +107,8 @@ def parse_select(text: str | None) -> dict[str, str]:
     out = {}
     for part in text.split(","):
         key, sep, value = part.partition("=")
-        if not sep or key not in ("dataset", "model", "pruner", "sparsity"):
-            raise UserError(f"--select {text}: expected dataset=|model=|pruner=|sparsity= pairs")
+        if not sep or key not in SELECT_KEYS:
+            raise UserError(f"--select {text}: expected {'=|'.join(SELECT_KEYS)}= pairs")
         out[key] = value
     return out
 
@@ -130,6 +133,7 @@ def pruned_trials(run_dir: Path, select: dict[str, str]) -> list[dict[str, Any]]
             "model": cfg["model"]["arch"],
             "pruner": cfg["pruning"]["pruner"],
             "sparsity": cfg["pruning"]["sparsity"],
+            "granularity": cfg["pruning"].get("granularity", "element"),
         }
         if all(
             str(keys[k]) == v or (k == "sparsity" and float(v) == keys[k])

@@ -19,6 +19,9 @@ def add_sweep_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pruners", help="comma-separated subset of lp,agp,mp,magnitude")
     p.add_argument("--sparsities", help="comma-separated, e.g. 0.2,0.5,0.9")
     p.add_argument(
+        "--granularities", help="comma-separated: element (the paper), channel (physically slim)"
+    )
+    p.add_argument(
         "--data-root",
         action="append",
         default=[],
@@ -52,6 +55,7 @@ def add_demo_command(sub: argparse._SubParsersAction) -> None:
         models=None,
         pruners=None,
         sparsities=None,
+        granularities=None,
         data_root=[],
         address=None,
         gpus_per_trial=None,
@@ -71,6 +75,7 @@ def build_request(args: argparse.Namespace):
         "models": args.models,
         "pruners": args.pruners,
         "sparsities": args.sparsities,
+        "granularities": args.granularities,
         "gpus_per_trial": args.gpus_per_trial,
         "cpus_per_trial": args.cpus_per_trial,
         "max_concurrent": args.max_concurrent,

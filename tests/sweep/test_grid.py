@@ -31,6 +31,21 @@ def test_demo_preset_is_the_full_shape_on_synthetic_data(tmp_path: Path) -> None
     assert (len(dense), len(pruned)) == (5, 45)
 
 
+def test_granularity_axis_adds_channel_trials_beside_the_paper_grid(tmp_path: Path) -> None:
+    sweep = SweepConfig.from_dict(
+        {"datasets": ["synthetic"], "models": ["fpn"], "granularities": "element,channel"}
+    )
+    dense, pruned = expand(sweep, {}, tmp_path, {})
+    assert (len(dense), len(pruned)) == (1, 18)
+    channel = next(s for s in pruned if s.name == "synthetic-fpn-agp-channel-s0.5")
+    assert channel.config["pruning"]["granularity"] == "channel"
+    assert channel.base == "synthetic-fpn-dense"
+    element = next(s for s in pruned if s.name == "synthetic-fpn-agp-s0.5")
+    assert element.config["pruning"]["granularity"] == "element"
+    with pytest.raises(UserError, match="allowed values are element, channel"):
+        SweepConfig.from_dict({"granularities": ["filter"]})
+
+
 def test_sweep_settings_reject_unknown_keys_and_values() -> None:
     with pytest.raises(UserError, match="unknown sweep key 'gpu'"):
         SweepConfig.from_dict({"gpu": 1})
