@@ -1,4 +1,8 @@
-"""The paper's published claims checked against a run: holds, fails or not run, with the numbers."""
+"""The paper's published claims checked against a run: holds, fails or not run, with the numbers.
+
+The paper prunes element-wise (unstructured), so its claims are checked on element trials only;
+channel-pruned trials never enter them.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from analysis.collect import DENSE
+from analysis.collect import DENSE, ELEMENT
 from analysis.figures import PRUNER_ORDER, ordered
 
 HOLDS, FAILS, NOT_RUN = "holds", "fails", "not run"
@@ -26,9 +30,15 @@ class Claim:
     definition: str
 
 
+def _element(frame: pd.DataFrame) -> pd.DataFrame:
+    """The element-wise (paper) trials; tables without a granularity column are all element."""
+    return frame[frame["granularity"] == ELEMENT] if "granularity" in frame else frame
+
+
 def _pruned(results: pd.DataFrame, dataset: str) -> pd.DataFrame:
     rows = results[(results["dataset"] == dataset) & (results["status"] == "finished")]
-    return rows[(rows["pruner"] != DENSE) & rows["pruned_test_miou"].notna()]
+    rows = _element(rows[rows["pruner"] != DENSE])
+    return rows[rows["pruned_test_miou"].notna()]
 
 
 def _pct(value: float) -> str:
@@ -107,7 +117,7 @@ def fpn_at_90(results: pd.DataFrame, dataset: str, paper_dataset: str) -> Claim:
 def epoch_jitter(curves: pd.DataFrame, dataset: str) -> pd.Series:
     """Per pruner, the mean |change of validation mIoU| from one epoch to the next after dense training."""
     rows = curves[(curves["dataset"] == dataset) & curves["stage"].isin(["prune", "finetune"])]
-    rows = rows[rows["pruner"] != DENSE].sort_values(["trial", "global_epoch"])
+    rows = _element(rows[rows["pruner"] != DENSE]).sort_values(["trial", "global_epoch"])
     if rows.empty:
         return pd.Series(dtype=float)
     steps = rows.groupby("trial")["val_miou"].diff().abs()

@@ -15,14 +15,28 @@ import yaml
 
 STATUSES = ("finished", "errored", "running")
 DENSE = "none"  # the pruner value of dense (unpruned) trials
+ELEMENT, CHANNEL = "element", "channel"  # pruning granularities; dense trials have DENSE
+GRANULARITY_ORDER = (ELEMENT, CHANNEL)
+# `<dataset>-<model>-dense`, `<dataset>-<model>-<pruner>-s<s>`, `<dataset>-<model>-<pruner>-channel-s<s>`
 _NAME = re.compile(
-    r"^(?P<dataset>.+)-(?P<model>[^-]+)-(?:dense|(?P<pruner>[^-]+)-s(?P<sparsity>[0-9.]+))$"
+    r"^(?P<dataset>.+)-(?P<model>[^-]+)-(?:dense|(?P<pruner>(?!(?:channel|element)-s)[^-]+)"
+    r"(?:-(?P<granularity>channel|element))?-s(?P<sparsity>[0-9.]+))$"
 )
+# final.json's `inference` block -> results columns (absent in runs made before it existed: NaN)
+INFERENCE_COLUMNS = {
+    "params": "params_deploy",
+    "gmacs": "gmacs",
+    "compact_mib": "compact_mib",
+    "compact_fp16_mib": "compact_fp16_mib",
+    "latency_ms": "latency_ms",
+    "latency_device": "latency_device",
+}
 RESULT_COLUMNS = [
-    "trial", "dataset", "model", "encoder", "pruner", "target_sparsity", "achieved_sparsity",
-    "overall_sparsity", "dense_test_miou", "pruned_test_miou", "test_miou",
+    "trial", "dataset", "model", "encoder", "pruner", "granularity", "target_sparsity",
+    "achieved_sparsity", "overall_sparsity", "dense_test_miou", "pruned_test_miou", "test_miou",
     "dense_test_miou_corrosion", "pruned_test_miou_corrosion", "iou_drop", "iou_drop_rel",
-    "total_params", "nonzero_params", "status", "wall_time_s", "node", "hostname", "epochs_done",
+    "total_params", "nonzero_params", "params_deploy", "gmacs", "compact_mib", "compact_fp16_mib",
+    "latency_ms", "latency_device", "status", "wall_time_s", "node", "hostname", "epochs_done",
     "last_stage", "started_at", "seed", "error",
 ]  # fmt: skip
 
@@ -77,7 +91,8 @@ def column_name(class_name: str) -> str:
 
 
 def parse_trial_name(name: str) -> dict[str, Any]:
-    """Facets from a trial name like `sscs-fpn-agp-s0.9` or `nea-unet-dense` (used without config)."""
+    """Facets from a trial name like `sscs-fpn-agp-s0.9`, `sscs-fpn-agp-channel-s0.9` or
+    `nea-unet-dense` (used without config)."""
     match = _NAME.match(name)
     if not match:
         return {}
@@ -86,12 +101,16 @@ def parse_trial_name(name: str) -> dict[str, Any]:
         "dataset": match["dataset"],
         "model": match["model"],
         "pruner": pruner,
+        "granularity": DENSE if pruner == DENSE else match["granularity"] or ELEMENT,
         "target_sparsity": float(match["sparsity"]) if match["sparsity"] else 0.0,
     }
 
 
 def _facets(name: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Dataset, model, encoder, pruner and target sparsity: config first, trial name second."""
+    """Dataset, model, encoder, pruner, granularity and target sparsity: config first, name second.
+
+    Dense trials get granularity DENSE ("none"): they are the reference of every granularity.
+    """
     facets = {"dataset": None, "model": None, "pruner": DENSE, "target_sparsity": 0.0}
     facets.update(parse_trial_name(name))
     data, model, pruning = (config.get(k) or {} for k in ("data", "model", "pruning"))
@@ -102,10 +121,14 @@ def _facets(name: str, config: dict[str, Any]) -> dict[str, Any]:
     facets["encoder"] = model.get("encoder")
     if pruning.get("pruner"):
         facets["pruner"] = pruning["pruner"]
+    if pruning.get("granularity"):
+        facets["granularity"] = pruning["granularity"]
     if facets["pruner"] == DENSE:
         facets["target_sparsity"] = 0.0
+        facets["granularity"] = DENSE
     elif pruning.get("sparsity") is not None:
         facets["target_sparsity"] = float(pruning["sparsity"])
+    facets.setdefault("granularity", ELEMENT)
     facets["seed"] = config.get("seed")
     return facets
 
@@ -128,6 +151,20 @@ def _scores(block: dict[str, Any] | None) -> tuple[float, float, list[float]]:
         float(block.get("test_miou_corrosion", math.nan)),
         iou,
     )
+
+
+def _inference(final: dict[str, Any] | None) -> dict[str, Any]:
+    """Deployable size and speed columns from final.json's `inference` block; NaN when absent."""
+    block = (final or {}).get("inference")
+    block = block if isinstance(block, dict) else {}
+    out: dict[str, Any] = {}
+    for key, column in INFERENCE_COLUMNS.items():
+        value = block.get(key)
+        if key == "latency_device":
+            out[column] = value if isinstance(value, str) else None
+        else:
+            out[column] = float(value) if isinstance(value, int | float) else math.nan
+    return out
 
 
 def trial_row(trial_dir: Path) -> tuple[dict[str, Any], list[str]]:
@@ -154,6 +191,7 @@ def trial_row(trial_dir: Path) -> tuple[dict[str, Any], list[str]]:
         started_at=env.get("started_at"),
         epochs_done=len(records),
         last_stage=last.get("stage"),
+        **_inference(final),
     )
     dense, dense_corr, dense_iou = _scores((final or {}).get("dense"))
     pruned, pruned_corr, pruned_iou = _scores((final or {}).get("pruned"))
@@ -204,7 +242,10 @@ def results_table(run_dir: Path) -> tuple[pd.DataFrame, dict[str, list[str]]]:
     class_cols = _class_columns(rows, class_names)
     frame = pd.DataFrame(rows, columns=RESULT_COLUMNS + class_cols)
     dense_first = frame.assign(_pruned=frame["pruner"] != DENSE)
-    order = dense_first.sort_values(["dataset", "model", "_pruned", "pruner", "target_sparsity"])
+    order = dense_first.sort_values(
+        ["dataset", "model", "_pruned", "granularity", "pruner", "target_sparsity"],
+        key=lambda c: c.map({ELEMENT: 0, CHANNEL: 1}).fillna(2) if c.name == "granularity" else c,
+    )
     return frame.loc[order.index].reset_index(drop=True), class_names
 
 
@@ -217,7 +258,8 @@ def curves_table(
     `scheduled_sparsity`; `target_sparsity` is the trial's final target, as in the results table.
     """
     frames = []
-    facets = results.set_index("trial")[["dataset", "model", "pruner", "target_sparsity", "status"]]
+    columns = ["dataset", "model", "pruner", "granularity", "target_sparsity", "status"]
+    facets = results.set_index("trial")[columns]
     for trial_dir in trial_dirs(run_dir):
         records = read_jsonl(trial_dir / "metrics.jsonl")
         if not records or trial_dir.name not in facets.index:
@@ -259,15 +301,20 @@ def load_run(run_dir: Path) -> Run:
 
 
 def expected_trials(sweep: dict[str, Any]) -> list[str]:
-    """Trial names the sweep file's grid asks for (same naming as sweep.grid)."""
+    """Trial names the sweep file's grid asks for (same naming as sweep.grid).
+
+    A grid without `granularities` is element-wise only, as every sweep before channel pruning.
+    """
     grid = sweep.get("sweep") or {}
     names = []
     for dataset in grid.get("datasets") or []:
         for model in grid.get("models") or []:
             names.append(f"{dataset}-{model}-dense")
-            for pruner in grid.get("pruners") or []:
-                for sparsity in grid.get("sparsities") or []:
-                    names.append(f"{dataset}-{model}-{pruner}-s{float(sparsity):g}")
+            for granularity in grid.get("granularities") or [ELEMENT]:
+                infix = "" if granularity == ELEMENT else f"-{granularity}"
+                for pruner in grid.get("pruners") or []:
+                    for sparsity in grid.get("sparsities") or []:
+                        names.append(f"{dataset}-{model}-{pruner}{infix}-s{float(sparsity):g}")
     return names
 
 

@@ -13,9 +13,25 @@ from dash import Dash, Input, Output, State, ctx, dcc, html
 from dash.exceptions import PreventUpdate
 
 from analysis.claims import check_claims
-from analysis.collect import DENSE, Run, examples, label_distribution, load_run, missing_notes
-from analysis.figures import MODEL_ORDER, PRUNER_ORDER, ordered
-from analysis.report import FIGURE_SECTIONS, STYLE, dataset_figures, status_counts
+from analysis.collect import (
+    DENSE,
+    GRANULARITY_ORDER,
+    Run,
+    column_name,
+    examples,
+    label_distribution,
+    load_run,
+    missing_notes,
+)
+from analysis.figures import MODEL_ORDER, PRUNER_ORDER, ordered, with_granularity
+from analysis.report import (
+    FIGURE_SECTIONS,
+    STYLE,
+    TABLE_COLUMNS,
+    cell_text,
+    dataset_figures,
+    status_counts,
+)
 
 INDEX = """<!DOCTYPE html>
 <html><head>{%metas%}<title>{%title%}</title>{%favicon%}{%css%}<style>/*STYLE*/
@@ -24,7 +40,7 @@ INDEX = """<!DOCTYPE html>
 </style></head>
 <body>{%app_entry%}<footer>{%config%}{%scripts%}{%renderer%}</footer></body></html>
 """
-FACETS = ("model", "pruner", "sparsity")  # checklists; the dataset is a radio choice
+FACETS = ("model", "pruner", "granularity", "sparsity")  # checklists; the dataset is a radio
 _WATCHED = ("metrics.jsonl", "final.json", "error.txt", "examples.npz", "config.yaml")
 
 
@@ -67,16 +83,26 @@ class RunCache:
             return self._value
 
 
-def filter_run(run: Run, models: list[str], pruners: list[str], sparsities: list[float]) -> Run:
-    """Keep the chosen models, pruners and sparsities; dense trials stay as the reference."""
+def filter_run(
+    run: Run,
+    models: list[str],
+    pruners: list[str],
+    sparsities: list[float],
+    granularities: list[str] | None = None,
+) -> Run:
+    """Keep the chosen models, pruners, sparsities and granularities (None: all); dense trials
+    stay as the reference."""
 
     def keep(frame: pd.DataFrame) -> pd.DataFrame:
         if frame.empty:
             return frame
+        frame = with_granularity(frame)
         dense = frame["pruner"] == DENSE
         chosen = frame["pruner"].isin(pruners) & frame["target_sparsity"].apply(
             lambda s: any(math.isclose(s, t) for t in sparsities)
         )
+        if granularities is not None:
+            chosen &= frame["granularity"].isin(granularities)
         return frame[frame["model"].isin(models) & (dense | chosen)]
 
     return replace(run, results=keep(run.results), curves=keep(run.curves))
@@ -84,11 +110,12 @@ def filter_run(run: Run, models: list[str], pruners: list[str], sparsities: list
 
 def facet_options(run: Run) -> dict[str, list]:
     results = run.results
-    pruned = results[results["pruner"] != DENSE]
+    pruned = with_granularity(results[results["pruner"] != DENSE])
     return {
         "dataset": ordered(results["dataset"].dropna(), ("sscs", "nea")),
         "model": ordered(results["model"].dropna(), MODEL_ORDER),
         "pruner": ordered(pruned["pruner"].dropna(), PRUNER_ORDER),
+        "granularity": ordered(pruned["granularity"].dropna(), GRANULARITY_ORDER),
         "sparsity": sorted(float(s) for s in pruned["target_sparsity"].dropna().unique()),
     }
 
@@ -106,15 +133,49 @@ def _claims_table(run: Run, dataset: str) -> html.Table:
     return html.Table([head, *rows], id="claims-table")
 
 
-def _show(pruners: list[str], sparsities: list[float]) -> tuple[str, float] | None:
-    """The example variant to show: the one pruner and sparsity chosen, else the default."""
+def _trials_table(run: Run, dataset: str) -> html.Table:
+    """The report's trials table (size and latency columns included) for the shown trials."""
+    names = run.class_names.get(dataset, [])
+    columns = [*TABLE_COLUMNS, *((f"iou_{column_name(n)}", f"IoU {n}") for n in names)]
+    rows = run.results[run.results["dataset"] == dataset].to_dict("records")
+    return html.Table(
+        [
+            html.Tr([html.Th(label) for _, label in columns]),
+            *(
+                html.Tr(
+                    [html.Td(cell_text(row.get(c), c)) for c, _ in columns],
+                    className=f"status-{row['status']}",
+                )
+                for row in rows
+            ),
+        ],
+        id="trials-table",
+        className="results",
+    )
+
+
+def _show(
+    pruners: list[str], sparsities: list[float], granularities: list[str] | None = None
+) -> tuple[str, float] | tuple[str, float, str] | None:
+    """The example variant to show: the one pruner, sparsity (and granularity) chosen, else the
+    default."""
     if len(pruners) == 1 and len(sparsities) == 1:
+        if granularities is not None and len(granularities) == 1:
+            return pruners[0], float(sparsities[0]), granularities[0]
         return pruners[0], float(sparsities[0])
     return None
 
 
-def view(cache: RunCache, dataset: str | None, models, pruners, sparsities) -> dict[str, Any]:
-    """Everything the page shows for the current filters: figures, counts, missing notes, claims."""
+def view(
+    cache: RunCache,
+    dataset: str | None,
+    models: list[str] | None,
+    pruners: list[str] | None,
+    sparsities: list[float] | None,
+    granularities: list[str] | None = None,
+) -> dict[str, Any]:
+    """Everything the page shows for the current filters: figures, trials, counts, missing notes,
+    claims. `granularities` None shows every granularity."""
     run, example, dist = cache.get()
     notes = missing_notes(run)
     out: dict[str, Any] = {
@@ -122,11 +183,11 @@ def view(cache: RunCache, dataset: str | None, models, pruners, sparsities) -> d
         "missing": [html.Li(n) for n in notes] or [html.Li("nothing missing")],
         "claims": _claims_table(run, dataset) if dataset else html.P("no trials yet"),
     }
-    shown = filter_run(run, models or [], pruners or [], sparsities or [])
+    shown = filter_run(run, models or [], pruners or [], sparsities or [], granularities)
+    out["trials"] = _trials_table(shown, dataset) if dataset else html.P("no trials yet")
+    variant = _show(pruners or [], sparsities or [], granularities)
     figures = (
-        dataset_figures(shown, dataset, dist, example.get(dataset), _show(pruners, sparsities))
-        if dataset
-        else {}
+        dataset_figures(shown, dataset, dist, example.get(dataset), variant) if dataset else {}
     )
     for key, _ in FIGURE_SECTIONS:
         fig = figures.get(key)
@@ -171,6 +232,8 @@ def layout(run_dir: Path, refresh_s: float) -> html.Div:
             html.H2("The paper's claims against this run"),
             html.Div(id="claims"),
             *graphs,
+            html.H3("Trials"),
+            html.Div(id="trials"),
             dcc.Interval(id="tick", interval=int(refresh_s * 1000)),
             dcc.Store(id="version"),
         ]
@@ -224,19 +287,21 @@ def _register_view(app: Dash, cache: RunCache) -> None:
         Output("status", "children"),
         Output("missing", "children"),
         Output("claims", "children"),
+        Output("trials", "children"),
         *(Output(f"fig-{key}", "figure") for key, _ in FIGURE_SECTIONS),
         Input("tick", "n_intervals"),
         Input("filter-dataset", "value"),
         *(Input(f"filter-{f}", "value") for f in FACETS),
         State("version", "data"),
     )
-    def refresh_view(_tick, dataset, models, pruners, sparsities, shown_version):
+    def refresh_view(_tick, dataset, models, pruners, granularities, sparsities, shown_version):
         cache.get()
         if ctx.triggered_id == "tick" and shown_version == cache.version:
             raise PreventUpdate  # nothing changed on disk: keep the page (and its zoom) as it is
-        out = view(cache, dataset, models, pruners, sparsities)
+        out = view(cache, dataset, models, pruners, sparsities, granularities or [])
         figures = (out[key] for key, _ in FIGURE_SECTIONS)
-        return cache.version, out["status"], out["missing"], out["claims"], *figures
+        status = (out["status"], out["missing"], out["claims"], out["trials"])
+        return cache.version, *status, *figures
 
 
 def create_app(run_dir: Path, refresh_s: float = 10.0) -> Dash:

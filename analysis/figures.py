@@ -1,12 +1,14 @@
 """One function per figure: tidy DataFrame in, plotly Figure out (titles and axis titles set).
 
-Every trace carries `meta` with the facets it belongs to (dataset, model, pruner, sparsity), so the
-static report's filters and the Dash app can show and hide traces without rebuilding figures.
+Every trace carries `meta` with the facets it belongs to (dataset, model, pruner, granularity,
+sparsity), so the static report's filters and the Dash app can show and hide traces without
+rebuilding figures. Element-wise and channel trials of the same pruner are distinct series.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -14,13 +16,14 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from analysis.collect import DENSE, column_name
+from analysis.collect import CHANNEL, DENSE, ELEMENT, GRANULARITY_ORDER, column_name
 from analysis.images import IGNORE_RGB, PALETTE, PALETTE_NAMES, colorize, downscale, png_data_uri
 
 MODEL_ORDER = ("unet", "unetplusplus", "fpn", "linknet", "manet")
 PRUNER_ORDER = ("lp", "agp", "mp", "magnitude")
 COLOURS = ("#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692", "#B6E880")
 DASHES = {"lp": "solid", "agp": "dash", "mp": "dot", "magnitude": "dashdot"}
+SYMBOLS = {"lp": "circle", "agp": "diamond", "mp": "triangle-up", "magnitude": "square"}
 EMA_ALPHA = 0.1
 MAX_EXAMPLES = 3
 EXAMPLE_SIDE = 192  # pixels per example tile in the embedded PNGs
@@ -55,8 +58,33 @@ def _meta(dataset: str, **facets: Any) -> dict[str, Any]:
     return {"dataset": dataset, **{k: v for k, v in facets.items() if v is not None}}
 
 
-def _label(pruner: str, sparsity: float) -> str:
-    return "dense" if pruner == DENSE else f"{pruner} s{sparsity:g}"
+def series_name(pruner: str, granularity: str = ELEMENT) -> str:
+    """`agp` for element-wise (the paper's) trials, `agp (channel)` for channel ones, `dense`."""
+    if pruner == DENSE:
+        return "dense"
+    return pruner if granularity in (ELEMENT, DENSE) else f"{pruner} ({granularity})"
+
+
+def _label(pruner: str, sparsity: float, granularity: str = ELEMENT) -> str:
+    return "dense" if pruner == DENSE else f"{series_name(pruner, granularity)} s{sparsity:g}"
+
+
+def with_granularity(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame with a `granularity` column (tables from before channel pruning lack it)."""
+    if "granularity" in frame:
+        return frame
+    dense = frame["pruner"] == DENSE if "pruner" in frame else False
+    return frame.assign(granularity=np.where(dense, DENSE, ELEMENT))
+
+
+def _series(rows: pd.DataFrame) -> list[tuple[str, str]]:
+    """(pruner, granularity) pairs of pruned rows: element first, pruners in PRUNER_ORDER."""
+    pairs = set(zip(rows["pruner"], rows["granularity"], strict=True))
+    return [
+        (pruner, granularity)
+        for granularity in ordered((g for _, g in pairs), GRANULARITY_ORDER)
+        for pruner in ordered((p for p, g in pairs if g == granularity), PRUNER_ORDER)
+    ]
 
 
 def label_distribution_figure(dist: pd.DataFrame, dataset: str, source: str) -> go.Figure:
@@ -126,10 +154,11 @@ def training_figure(curves: pd.DataFrame, dataset: str, alpha: float = EMA_ALPHA
 def pruning_figure(curves: pd.DataFrame, dataset: str) -> go.Figure:
     """Figure 6: validation mIoU through pruning and fine-tuning; boundary and mask updates marked."""
     rows = curves[(curves["dataset"] == dataset) & curves["stage"].isin(["prune", "finetune"])]
+    rows = with_granularity(rows)
     models = ordered(rows["model"], MODEL_ORDER)
     fig = go.Figure()
-    for (model, pruner, sparsity), part in rows.groupby(
-        ["model", "pruner", "target_sparsity"], sort=True
+    for (model, granularity, pruner, sparsity), part in rows.groupby(
+        ["model", "granularity", "pruner", "target_sparsity"], sort=True
     ):
         part = part.sort_values("global_epoch")
         updated = part.get("mask_updated", pd.Series(False, index=part.index)).fillna(False)
@@ -138,8 +167,12 @@ def pruning_figure(curves: pd.DataFrame, dataset: str) -> go.Figure:
             x=part["global_epoch"],
             y=part["val_miou"],
             mode="lines+markers",
-            name=f"{model} {_label(pruner, sparsity)}",
-            line={"color": model_colour(model, models), "dash": DASHES.get(pruner, "solid")},
+            name=f"{model} {_label(pruner, sparsity, granularity)}",
+            line={
+                "color": model_colour(model, models),
+                "dash": DASHES.get(pruner, "solid"),
+                "width": 3 if granularity == CHANNEL else 2,
+            },
             marker={
                 "symbol": np.where(updated, "diamond", "circle").tolist(),
                 "size": np.where(updated, 9, 3).tolist(),
@@ -147,7 +180,13 @@ def pruning_figure(curves: pd.DataFrame, dataset: str) -> go.Figure:
             customdata=np.stack([part["stage"], updated], axis=-1),
             hovertemplate="epoch %{x} (%{customdata[0]}): mIoU %{y:.3f}"
             "<br>mask updated: %{customdata[1]}<extra>%{fullData.name}</extra>",
-            meta=_meta(dataset, model=model, pruner=pruner, sparsity=float(sparsity)),
+            meta=_meta(
+                dataset,
+                model=model,
+                pruner=pruner,
+                granularity=granularity,
+                sparsity=float(sparsity),
+            ),
         )
     prune_end = rows.loc[rows["stage"] == "prune", "global_epoch"].max()
     if not pd.isna(prune_end):
@@ -180,8 +219,9 @@ def dense_reference(results: pd.DataFrame, dataset: str, column: str = "test_mio
 def _sparsity_traces(
     results: pd.DataFrame, dataset: str, column: str, showlegend: bool
 ) -> list[go.Scatter]:
-    """One line per model and pruner from the dense point at 0 to each target sparsity."""
+    """One line per model, pruner and granularity from the dense point at 0 to each sparsity."""
     rows = results[(results["dataset"] == dataset) & (results["status"] == "finished")]
+    rows = with_granularity(rows)
     pruned = rows[rows["pruner"] != DENSE]
     models = ordered(rows["model"], MODEL_ORDER)
     reference = dense_reference(results, dataset, column)
@@ -201,8 +241,12 @@ def _sparsity_traces(
                     meta=_meta(dataset, model=model, reference=True),
                 )
             )
-        for pruner in ordered(pruned.loc[pruned["model"] == model, "pruner"], PRUNER_ORDER):
-            part = pruned[(pruned["model"] == model) & (pruned["pruner"] == pruner)]
+        for pruner, granularity in _series(pruned[pruned["model"] == model]):
+            part = pruned[
+                (pruned["model"] == model)
+                & (pruned["pruner"] == pruner)
+                & (pruned["granularity"] == granularity)
+            ]
             part = part.sort_values("target_sparsity")
             x, y = part["target_sparsity"].tolist(), part[column].tolist()
             if model in reference:
@@ -212,14 +256,23 @@ def _sparsity_traces(
                     x=x,
                     y=y,
                     mode="lines+markers",
-                    name=f"{model} {pruner}",
+                    name=f"{model} {series_name(pruner, granularity)}",
                     legendgroup=model,
                     showlegend=showlegend,
                     line={"color": colour, "dash": DASHES.get(pruner, "solid")},
-                    meta=_meta(dataset, model=model, pruner=pruner),
+                    marker={"symbol": _symbol(pruner, granularity)},
+                    meta=_meta(dataset, model=model, pruner=pruner, granularity=granularity),
                 )
             )
     return traces
+
+
+def _symbol(pruner: str, granularity: str) -> str:
+    """Marker per pruner; filled for element-wise trials, open for channel ones, star for dense."""
+    if pruner == DENSE:
+        return "star"
+    symbol = SYMBOLS.get(pruner, "x")
+    return f"{symbol}-open" if granularity == CHANNEL else symbol
 
 
 def sparsity_figure(results: pd.DataFrame, dataset: str) -> go.Figure:
@@ -252,14 +305,23 @@ def per_class_figure(results: pd.DataFrame, dataset: str, class_names: list[str]
     return fig
 
 
-def default_variant(results: pd.DataFrame, dataset: str) -> tuple[str, float]:
-    """The (pruner, sparsity) the example figure shows first: first pruner at the highest sparsity."""
-    rows = results[(results["dataset"] == dataset) & (results["pruner"] != DENSE)]
+def default_variant(results: pd.DataFrame, dataset: str) -> tuple[str, float, str]:
+    """The (pruner, sparsity, granularity) the example figure shows first: the first pruner of the
+    first granularity (element before channel) at its highest sparsity."""
+    rows = with_granularity(results[(results["dataset"] == dataset) & (results["pruner"] != DENSE)])
     rows = rows[rows["status"] == "finished"]
     if rows.empty:
-        return DENSE, 0.0
-    pruner = ordered(rows["pruner"], PRUNER_ORDER)[0]
-    return pruner, float(rows.loc[rows["pruner"] == pruner, "target_sparsity"].max())
+        return DENSE, 0.0, DENSE
+    pruner, granularity = _series(rows)[0]
+    chosen = rows[(rows["pruner"] == pruner) & (rows["granularity"] == granularity)]
+    return pruner, float(chosen["target_sparsity"].max()), granularity
+
+
+def _variant(show: tuple[str, float] | tuple[str, float, str]) -> tuple[str, float, str]:
+    """(pruner, sparsity[, granularity]) with the granularity filled in: element unless dense."""
+    if len(show) == 3:
+        return show  # type: ignore[return-value]
+    return show[0], show[1], DENSE if show[0] == DENSE else ELEMENT
 
 
 def colour_legend(class_names: list[str]) -> str:
@@ -277,23 +339,46 @@ def _tile(array: np.ndarray) -> str:
     return png_data_uri(downscale(array, EXAMPLE_SIDE))
 
 
+def _example_trace(
+    row: Any, pred: np.ndarray, dataset: str, show: tuple[str, float, str]
+) -> go.Image:
+    """One trial's mask for one test image (H, W); visible when the trial is the `show` variant."""
+    sparsity = float(row.target_sparsity)
+    visible = row.pruner == show[0] and (
+        row.pruner == DENSE or (math.isclose(sparsity, show[1]) and row.granularity == show[2])
+    )
+    return go.Image(
+        source=_tile(colorize(pred)),
+        name=f"{row.model} {_label(row.pruner, sparsity, row.granularity)}",
+        visible=visible,
+        meta=_meta(
+            dataset,
+            model=row.model,
+            pruner=row.pruner,
+            granularity=row.granularity,
+            sparsity=sparsity,
+        ),
+    )
+
+
 def examples_figure(
     results: pd.DataFrame,
     example: dict[str, Any] | None,
     dataset: str,
     class_names: list[str],
-    show: tuple[str, float] | None = None,
+    show: tuple[str, float] | tuple[str, float, str] | None = None,
 ) -> go.Figure:
     """Figures 9 and 10: image, ground truth and each model's mask, one row per test image.
 
-    Each model column holds one image trace per trial (dense and every pruner and sparsity);
-    only the `show` variant (pruner, sparsity) is visible, the filters switch between them.
+    Each model column holds one image trace per trial (dense and every pruner, granularity and
+    sparsity); only the `show` variant (pruner, sparsity[, granularity]) is visible, the filters
+    switch between them.
     """
     rows = results[(results["dataset"] == dataset) & (results["status"] == "finished")]
     preds = (example or {}).get("pred", {})
-    rows = rows[rows["trial"].isin(preds)]
+    rows = with_granularity(rows[rows["trial"].isin(preds)])
     models = ordered(rows["model"], MODEL_ORDER)
-    show = show or default_variant(results, dataset)
+    show = _variant(show or default_variant(results, dataset))
     n = min(MAX_EXAMPLES, len(example["gt"])) if example else 0
     number = figure_number(dataset, {"sscs": "9", "nea": "10"})
     if n == 0:
@@ -313,27 +398,20 @@ def examples_figure(
         fig.add_trace(go.Image(source=_tile(colorize(example["gt"][r])), name="truth"), r + 1, 2)
         for c, model in enumerate(models, start=3):
             for row in rows[rows["model"] == model].itertuples():
-                sparsity = float(row.target_sparsity)
-                visible = row.pruner == show[0] and (
-                    row.pruner == DENSE or math.isclose(sparsity, show[1])
-                )
-                fig.add_trace(
-                    go.Image(
-                        source=_tile(colorize(preds[row.trial][r])),
-                        name=f"{model} {_label(row.pruner, sparsity)}",
-                        visible=visible,
-                        meta=_meta(dataset, model=model, pruner=row.pruner, sparsity=sparsity),
-                    ),
-                    r + 1,
-                    c,
-                )
+                fig.add_trace(_example_trace(row, preds[row.trial][r], dataset, show), r + 1, c)
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     fig.update_layout(
         title=f"Example test predictions, {dataset} ({number}): {_label(*show)}",
         height=140 + 170 * n,
         margin={"l": 10, "r": 10, "t": 90, "b": 50},
-        meta={"kind": "examples", "dataset": dataset, "pruner": show[0], "sparsity": show[1]},
+        meta={
+            "kind": "examples",
+            "dataset": dataset,
+            "pruner": show[0],
+            "sparsity": show[1],
+            "granularity": show[2],
+        },
     )
     fig.add_annotation(
         text=colour_legend(class_names),
@@ -346,3 +424,148 @@ def examples_figure(
         yanchor="top",
     )
     return fig
+
+
+def pareto_front(cost: Any, score: Any) -> np.ndarray:
+    """Which points are on the Pareto front of (low cost, high score), as a boolean mask.
+
+    A point is on it unless another point has lower-or-equal cost and higher-or-equal score, one
+    of them strictly; equal points are both on it. Points with a NaN cost or score are never on
+    it and dominate nothing.
+    """
+    cost, score = np.asarray(cost, dtype=float), np.asarray(score, dtype=float)  # (N,), (N,)
+    valid = ~(np.isnan(cost) | np.isnan(score))
+    no_worse = (cost[None, :] <= cost[:, None]) & (score[None, :] >= score[:, None])  # (N, N)
+    better = (cost[None, :] < cost[:, None]) | (score[None, :] > score[:, None])  # [i, j]: j vs i
+    dominated = (no_worse & better & valid[None, :]).any(axis=1)
+    return valid & ~dominated
+
+
+@dataclass(frozen=True)
+class Cost:
+    """The x axis of a Pareto figure: a results column and how to name it."""
+
+    column: str
+    axis_title: str
+    what: str  # for the title: "latency", "size"
+    hover: str  # plotly format of the value in the hover text
+    missing: str  # the annotation when no trial of the dataset has the column
+    front_by: str | None = None  # a column that splits the points into separate fronts
+
+
+LATENCY = Cost(
+    column="latency_ms",
+    axis_title="median batch-1 latency (ms)",
+    what="latency",
+    hover="%{x:.1f} ms",
+    missing="no latency measured yet: no finished trial's final.json has inference.latency_ms "
+    "(a run from before the inference benchmark, or latency not measured)",
+    front_by="latency_device",
+)
+SIZE = Cost(
+    column="compact_mib",
+    axis_title="compact export file size, fp32 (MiB)",
+    what="model size",
+    hover="%{x:.2f} MiB",
+    missing="no model sizes yet: no finished trial's final.json has inference.compact_mib "
+    "(a run from before the compact export was measured)",
+)
+
+
+def _front_trace(points: pd.DataFrame, cost: Cost, dataset: str, name: str) -> go.Scatter:
+    """The Pareto front as a step line: the best test mIoU reachable for at most that cost."""
+    front = points[pareto_front(points[cost.column], points["test_miou"])]
+    front = front.sort_values([cost.column, "test_miou"])
+    return go.Scatter(
+        x=front[cost.column],
+        y=front["test_miou"],
+        mode="lines",
+        line={"shape": "hv", "color": "black", "width": 1.5},
+        name=name,
+        hoverinfo="skip",
+        meta=_meta(dataset, front=True),
+    )
+
+
+def _pareto_points(points: pd.DataFrame, cost: Cost, dataset: str) -> list[go.Scatter]:
+    """One marker trace per model, pruner and granularity: colour by model, symbol by pruner."""
+    models = ordered(points["model"], MODEL_ORDER)
+    traces = []
+    for model in models:
+        rows = points[points["model"] == model]
+        series = [(DENSE, DENSE)] + _series(rows[rows["pruner"] != DENSE])
+        for pruner, granularity in series:
+            part = rows[(rows["pruner"] == pruner) & (rows["granularity"] == granularity)]
+            if part.empty:
+                continue
+            facets = {"reference": True} if pruner == DENSE else {"pruner": pruner}
+            traces.append(
+                go.Scatter(
+                    x=part[cost.column],
+                    y=part["test_miou"],
+                    mode="markers",
+                    name=f"{model} {series_name(pruner, granularity)}",
+                    legendgroup=model,
+                    marker={
+                        "color": model_colour(model, models),
+                        "symbol": _symbol(pruner, granularity),
+                        "size": 12 if pruner == DENSE else 9,
+                        "line": {"width": 1.5, "color": model_colour(model, models)},
+                    },
+                    text=part["trial"],
+                    hovertemplate=f"%{{text}}<br>{cost.hover}, test mIoU %{{y:.3f}}<extra></extra>",
+                    meta=_meta(dataset, model=model, granularity=granularity, **facets),
+                )
+            )
+    return traces
+
+
+def pareto_figure(results: pd.DataFrame, dataset: str, cost: Cost) -> go.Figure:
+    """Test mIoU against a deployment cost, one point per finished trial, with the Pareto front."""
+    rows = results[(results["dataset"] == dataset) & (results["status"] == "finished")]
+    rows = with_granularity(rows)
+    has = rows[cost.column].notna() if cost.column in rows else pd.Series(False, index=rows.index)
+    points = rows[has & rows["test_miou"].notna()]
+    legend = "; open markers = channel pruning" if (points["granularity"] == CHANNEL).any() else ""
+    title = f"Test mIoU against {cost.what}, {dataset} (line: Pareto front{legend})"
+    fig = go.Figure(_pareto_points(points, cost, dataset))
+    groups = (
+        points.groupby(points[cost.front_by].fillna("unknown"), sort=True)
+        if cost.front_by and cost.front_by in points
+        else [(None, points)]
+    )
+    for key, part in groups:
+        name = "Pareto front" if len(groups) == 1 else f"Pareto front ({key})"
+        if not part.empty:
+            fig.add_trace(_front_trace(part, cost, dataset, name))
+    if points.empty:
+        fig.add_annotation(
+            text=cost.missing, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5
+        )
+    elif len(points) < len(rows):
+        left_out = len(rows) - len(points)
+        plural = "trial has" if left_out == 1 else "trials have"
+        title += f"<br><sup>{left_out} finished {plural} no {cost.what}: not shown</sup>"
+    fig.update_layout(title=title, legend_title_text="model pruner", showlegend=True)
+    fig.update_xaxes(title_text=cost.axis_title, rangemode="tozero")
+    fig.update_yaxes(title_text="test mIoU")
+    return fig
+
+
+def latency_pareto_figure(results: pd.DataFrame, dataset: str) -> go.Figure:
+    """Test mIoU against median batch-1 latency; one front per latency device when they differ."""
+    rows = results[(results["dataset"] == dataset) & (results["status"] == "finished")]
+    devices = []
+    if {"latency_ms", "latency_device"} <= set(rows.columns):
+        measured = rows.loc[rows["latency_ms"].notna(), "latency_device"]
+        devices = sorted(measured.dropna().unique())
+    cost = LATENCY
+    if devices:
+        where = ", ".join(devices) + ("" if len(devices) == 1 else ": one front per device")
+        cost = replace(LATENCY, axis_title=f"median batch-1 latency (ms, {where})")
+    return pareto_figure(results, dataset, cost)
+
+
+def size_pareto_figure(results: pd.DataFrame, dataset: str) -> go.Figure:
+    """Test mIoU against the compact export's file size (fp32 values: what the IoU was measured on)."""
+    return pareto_figure(results, dataset, SIZE)

@@ -17,6 +17,7 @@ from plotly.offline import get_plotlyjs
 from analysis.claims import Claim, check_claims
 from analysis.collect import (
     DENSE,
+    GRANULARITY_ORDER,
     Run,
     column_name,
     examples,
@@ -29,11 +30,14 @@ from analysis.figures import (
     PRUNER_ORDER,
     examples_figure,
     label_distribution_figure,
+    latency_pareto_figure,
     ordered,
     per_class_figure,
     pruning_figure,
+    size_pareto_figure,
     sparsity_figure,
     training_figure,
+    with_granularity,
 )
 
 FIGURE_SECTIONS = (
@@ -41,12 +45,15 @@ FIGURE_SECTIONS = (
     ("training", "Dense training"),
     ("pruning", "Pruning and fine-tuning"),
     ("sparsity", "Test mIoU against sparsity"),
+    ("pareto_latency", "Test mIoU against latency"),
+    ("pareto_size", "Test mIoU against model size"),
     ("per_class", "Per-class IoU"),
     ("examples", "Example predictions"),
 )
 TABLE_COLUMNS = (
     ("trial", "trial"),
     ("status", "status"),
+    ("granularity", "granularity"),
     ("target_sparsity", "target"),
     ("achieved_sparsity", "achieved"),
     ("dense_test_miou", "dense mIoU"),
@@ -55,9 +62,25 @@ TABLE_COLUMNS = (
     ("iou_drop_rel", "rel. drop"),
     ("nonzero_params", "non-zero params"),
     ("total_params", "params"),
+    ("params_deploy", "deployed params"),
+    ("gmacs", "GMACs"),
+    ("compact_mib", "compact MiB (fp32)"),
+    ("compact_fp16_mib", "compact MiB (fp16)"),
+    ("latency_ms", "latency ms"),
+    ("latency_device", "latency device"),
     ("wall_time_s", "wall s"),
     ("node", "node"),
 )
+CELL_FORMATS = {  # columns not formatted as a float with three decimals
+    "iou_drop_rel": "{:.1%}",
+    "nonzero_params": "{:,.0f}",
+    "total_params": "{:,.0f}",
+    "params_deploy": "{:,.0f}",
+    "gmacs": "{:.2f}",
+    "compact_mib": "{:.2f}",
+    "compact_fp16_mib": "{:.2f}",
+    "latency_ms": "{:.1f}",
+}
 
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
@@ -98,6 +121,8 @@ def dataset_figures(
         "training": training_figure(run.curves, dataset),
         "pruning": pruning_figure(run.curves, dataset),
         "sparsity": sparsity_figure(run.results, dataset),
+        "pareto_latency": latency_pareto_figure(run.results, dataset),
+        "pareto_size": size_pareto_figure(run.results, dataset),
         "per_class": per_class_figure(run.results, dataset, names),
         "examples": examples_figure(run.results, example, dataset, names, show),
     }
@@ -126,11 +151,12 @@ def _options(facet: str, values: list[Any]) -> str:
 
 
 def _filters(results: pd.DataFrame) -> str:
-    pruned = results[results["pruner"] != DENSE]
+    pruned = with_granularity(results[results["pruner"] != DENSE])
     facets = {
         "dataset": ordered(results["dataset"].dropna(), ("sscs", "nea")),
         "model": ordered(results["model"].dropna(), MODEL_ORDER),
         "pruner": [*ordered(pruned["pruner"].dropna(), PRUNER_ORDER), DENSE],
+        "granularity": ordered(pruned["granularity"].dropna(), GRANULARITY_ORDER),
         "sparsity": sorted(pruned["target_sparsity"].dropna().unique()),
     }
     selects = "".join(_options(f, v) for f, v in facets.items())
@@ -152,20 +178,21 @@ def _claims_html(claims: list[Claim]) -> str:
     return f'<table id="claims">{head}{rows}</table>'
 
 
-def _cell(value: Any, column: str) -> str:
+def cell_text(value: Any, column: str) -> str:
+    """A results value as the trials table shows it ("" for missing)."""
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return ""
-    if column == "iou_drop_rel":
-        return f"{100 * value:.1f}%"
+    if column in CELL_FORMATS and isinstance(value, int | float):
+        return CELL_FORMATS[column].format(value)
     if isinstance(value, float):
-        return f"{value:,.0f}" if column.endswith("params") else f"{value:.3f}"
+        return f"{value:.3f}"
     if isinstance(value, int):
         return f"{value:,}"
-    return html.escape(str(value))
+    return str(value)
 
 
 def _results_html(results: pd.DataFrame, dataset: str, class_names: list[str]) -> str:
-    rows = results[results["dataset"] == dataset]
+    rows = with_granularity(results[results["dataset"] == dataset])
     columns = [*TABLE_COLUMNS, *((f"iou_{column_name(n)}", f"IoU {n}") for n in class_names)]
     head = "".join(f"<th>{html.escape(label)}</th>" for _, label in columns)
     body = []
@@ -176,10 +203,11 @@ def _results_html(results: pd.DataFrame, dataset: str, class_names: list[str]) -
                 ("dataset", row["dataset"]),
                 ("model", row["model"]),
                 ("pruner", row["pruner"]),
+                ("granularity", row["granularity"]),
                 ("sparsity", row["target_sparsity"]),
             )
         )
-        cells = "".join(f"<td>{_cell(row.get(c), c)}</td>" for c, _ in columns)
+        cells = "".join(f"<td>{html.escape(cell_text(row.get(c), c))}</td>" for c, _ in columns)
         body.append(f'<tr class="status-{row["status"]}" {facets}>{cells}</tr>')
     return f'<table class="results"><tr>{head}</tr>{"".join(body)}</table>'
 
@@ -279,7 +307,7 @@ PAGE = """<!DOCTYPE html>
 # Filters: each trace's `meta` names its facets; a facet a trace does not carry never hides it.
 SCRIPT = """
 (function () {
-  const FACETS = ["dataset", "model", "pruner", "sparsity"];
+  const FACETS = ["dataset", "model", "pruner", "granularity", "sparsity"];
   const original = new Map();
   const same = (a, b) => Math.abs(parseFloat(a) - parseFloat(b)) < 1e-9;
   function selection() {
@@ -294,14 +322,18 @@ SCRIPT = """
     }
     if (meta.reference) return true;
     if (s.pruner !== "all" && meta.pruner !== undefined && meta.pruner !== s.pruner) return false;
-    if (meta.pruner === "none") return true;
+    if (meta.pruner === "none") return true;  // dense: the reference of every granularity
+    if (s.granularity !== "all" && meta.granularity !== undefined &&
+        meta.granularity !== s.granularity) return false;
     return s.sparsity === "all" || meta.sparsity === undefined || same(meta.sparsity, s.sparsity);
   }
   function forExamples(gd, s) {
     const m = gd.layout.meta, e = Object.assign({}, s);
     if (e.pruner === "all") e.pruner = m.pruner;
+    if (e.granularity === "all") e.granularity = m.granularity === "none" ? "element" : m.granularity;
     if (e.pruner !== "none" && e.sparsity === "all") e.sparsity = String(m.sparsity);
-    const label = e.pruner === "none" ? "dense" : e.pruner + " s" + parseFloat(e.sparsity);
+    const kind = e.granularity === "element" ? "" : " (" + e.granularity + ")";
+    const label = e.pruner === "none" ? "dense" : e.pruner + kind + " s" + parseFloat(e.sparsity);
     const base = String(gd.layout.title.text).split(":")[0];
     Plotly.relayout(gd, {"title.text": base + ": " + label});
     return e;

@@ -1,4 +1,9 @@
-"""A fake but schema-true run directory, as the sweep writes it, for the analysis tests."""
+"""A fake but schema-true run directory, as the sweep writes it, for the analysis tests.
+
+Synthetic trials carry final.json's `inference` block (size and latency) and element-wise configs;
+NEA trials are written as by a run from before channel pruning: no `inference`, no granularity.
+A few channel-pruned synthetic trials sit beside the grid's element-wise ones.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +25,14 @@ DROP = {
     "agp": {0.2: 0.005, 0.5: 0.02, 0.9: 0.06},
     "mp": {0.2: 0.15, 0.5: 0.10, 0.9: 0.12},
 }
+CHANNEL_DROP = {0.5: 0.05, 0.9: 0.15}  # AGP at channel granularity: more loss, real speed-up
 MODEL_DROP_FACTOR = {"fpn": 1.0, "linknet": 1.1, "unet": 1.5}
+DENSE_MIB = {"fpn": 40.0, "linknet": 45.0, "unet": 60.0}  # dense fp32 state dict
+DENSE_MS = {"fpn": 20.0, "linknet": 18.0, "unet": 30.0}  # median batch-1 CPU latency
+CHANNEL_TRIALS = tuple(
+    f"synthetic-{m}-agp-channel-s{s:g}" for m in ("fpn", "linknet") for s in CHANNEL_DROP
+)
+NO_LATENCY = "synthetic-unet-lp-s0.2"  # inference measured without latency (latency_ms null)
 TRAIN_EPOCHS, PRUNE_EPOCHS, FINETUNE_EPOCHS, STEPS = 6, 4, 3, 2
 ERRORED = "synthetic-unet-mp-s0.9"
 RUNNING = "nea-linknet-agp-s0.9"
@@ -105,8 +117,10 @@ def _examples(dataset: str, miou: float, n: int) -> dict[str, np.ndarray]:
     return {"image": image, "gt": gt, "pred": pred}
 
 
-def _config(dataset: str, model: str, pruner: str, sparsity: float) -> dict:
-    return {
+def _config(
+    dataset: str, model: str, pruner: str, sparsity: float, granularity: str | None = None
+) -> dict:
+    config = {
         "seed": 0,
         "data": {"dataset": dataset, "root": None, "crop_size": 16},
         "model": {"arch": model, "encoder": "tu-test_resnet", "encoder_weights": None},
@@ -126,6 +140,29 @@ def _config(dataset: str, model: str, pruner: str, sparsity: float) -> dict:
         },
         "runtime": {"device": "cpu"},
     }
+    if granularity:
+        config["pruning"]["granularity"] = granularity
+    return config
+
+
+def inference(model: str, pruner: str, sparsity: float, granularity: str) -> dict:
+    """final.json's `inference` block: element pruning shrinks the compact file, channel pruning
+    also the parameters, MACs and latency."""
+    keep = 1 - sparsity if pruner != "none" else 1.0
+    channel = granularity == "channel"
+    compact = DENSE_MIB[model] * (keep if channel else min(1.0, keep * 1.1 + 0.02))
+    return {
+        "params": round(1000 * keep) if channel else 1000,
+        "nonzero_params": round(1000 * keep),
+        "gmacs": 2.0 * (keep if channel else 1.0),
+        "size": [64, 64],
+        "dense_fp32_mib": DENSE_MIB[model] * (keep if channel else 1.0),
+        "compact_mib": compact,
+        "compact_fp16_mib": compact / 2,
+        "latency_ms": DENSE_MS[model] * (keep + 0.1 if channel else 1.0),
+        "latency_device": "cpu",
+        "threads": 4,
+    }
 
 
 def _scores(miou: float, n: int) -> dict:
@@ -138,15 +175,20 @@ def _scores(miou: float, n: int) -> dict:
     }
 
 
-def _write_trial(trials: Path, name: str, dataset: str, model: str, pruner: str, s: float) -> None:
+def _write_trial(
+    trials: Path, name: str, dataset: str, model: str, pruner: str, s: float, granularity: str
+) -> None:
     out = trials / name
     (out / "checkpoints").mkdir(parents=True)
     n = len(CLASSES[dataset])
     rng = np.random.default_rng(zlib.crc32(name.encode()))
     dense = DENSE_MIOU[model] - (0.05 if dataset == "nea" else 0.0)
     pruned = pruner != "none"
-    final_miou = dense * (1 - DROP[pruner][s] * MODEL_DROP_FACTOR[model]) if pruned else dense
-    (out / "config.yaml").write_text(yaml.safe_dump(_config(dataset, model, pruner, s)))
+    drop = CHANNEL_DROP[s] if granularity == "channel" else DROP[pruner][s] if pruned else 0.0
+    final_miou = dense * (1 - drop * MODEL_DROP_FACTOR[model])
+    old = dataset == "nea"  # written as by a run from before channel pruning
+    config = _config(dataset, model, pruner, s, None if old else granularity)
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
     env = {"seed": 0, "versions": {"python": "3.11"}, "hostname": "vm", "device": "cpu"}
     _dump(
         out / "env.json", {**env, "started_at": "2026-01-01T00:00:00+00:00", "node_ip": "10.0.0.1"}
@@ -175,6 +217,10 @@ def _write_trial(trials: Path, name: str, dataset: str, model: str, pruner: str,
         "total_params": 1000,
         "wall_time_s": 12.5,
     }
+    if not old:
+        final["inference"] = inference(model, pruner, s, granularity)
+        if name == NO_LATENCY:
+            final["inference"]["latency_ms"] = None
     _dump(out / "final.json", final)
 
 
@@ -185,7 +231,8 @@ def write_fake_run(
     pruners: tuple[str, ...] = ("lp", "agp", "mp"),
     sparsities: tuple[float, ...] = (0.2, 0.5, 0.9),
 ) -> Path:
-    """A run with dense and pruned trials; one errored, one running, one not started."""
+    """A run with dense and pruned trials; one errored, one running, one not started; and the
+    CHANNEL_TRIALS of its datasets, models and sparsities (outside the sweep file's grid)."""
     root.mkdir(parents=True, exist_ok=True)
     sweep = {
         "preset": "fake",
@@ -201,10 +248,13 @@ def write_fake_run(
     trials = root / "trials"
     for dataset in datasets:
         for model in models:
-            _write_trial(trials, f"{dataset}-{model}-dense", dataset, model, "none", 0.0)
+            _write_trial(trials, f"{dataset}-{model}-dense", dataset, model, "none", 0.0, "element")
             for pruner in pruners:
                 for s in sparsities:
                     name = f"{dataset}-{model}-{pruner}-s{s:g}"
                     if name != NOT_STARTED:
-                        _write_trial(trials, name, dataset, model, pruner, s)
+                        _write_trial(trials, name, dataset, model, pruner, s, "element")
+                    channel = f"{dataset}-{model}-{pruner}-channel-s{s:g}"
+                    if channel in CHANNEL_TRIALS:
+                        _write_trial(trials, channel, dataset, model, pruner, s, "channel")
     return root

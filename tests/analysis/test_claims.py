@@ -98,3 +98,14 @@ def test_mp_unstable(run) -> None:
     assert mp_unstable(run.results, calm, "synthetic").verdict == FAILS
     no_mp = run.results[run.results["pruner"] != "mp"]
     assert mp_unstable(no_mp, run.curves, "synthetic").verdict == NOT_RUN
+
+
+def test_claims_leave_channel_trials_out(run) -> None:
+    claim = lp_agp_keep(run.results, "synthetic")
+    assert "agp: worst" in claim.evidence and "of 6 trials" in claim.evidence  # element only
+    assert claim.verdict == HOLDS  # channel AGP at 0.5 loses 5% and more
+    worse = _set(run.results, "synthetic-fpn-agp-channel-s0.9", 0.0)
+    assert (
+        best_models(worse, "synthetic").evidence == best_models(run.results, "synthetic").evidence
+    )
+    assert fpn_at_90(worse, "synthetic", "sscs").verdict == HOLDS

@@ -10,13 +10,24 @@ import pandas as pd
 import pytest
 
 from analysis.collect import (
+    INFERENCE_COLUMNS,
+    RESULT_COLUMNS,
+    expected_trials,
     label_distribution,
     load_run,
     missing_notes,
     parse_trial_name,
     read_jsonl,
+    trial_row,
 )
-from tests.analysis.fake_run import ERRORED, NOT_STARTED, RUNNING
+from tests.analysis.fake_run import (
+    CHANNEL_TRIALS,
+    ERRORED,
+    NO_LATENCY,
+    NOT_STARTED,
+    RUNNING,
+    inference,
+)
 
 
 def test_read_jsonl_skips_a_half_written_last_line(tmp_path: Path) -> None:
@@ -122,3 +133,49 @@ def test_label_distribution_prefers_the_file(own_run_dir: Path) -> None:
     given.to_csv(own_run_dir / "label_distribution.csv", index=False)
     table, source = label_distribution(load_run(own_run_dir))
     assert source == "file" and table["dataset"].tolist() == ["all", "all"]  # two datasets
+
+
+def test_granularity_from_the_name(tmp_path: Path) -> None:
+    assert parse_trial_name("sscs-fpn-agp-channel-s0.9")["granularity"] == "channel"
+    assert parse_trial_name("my-data-linknet-mp-channel-s0.25")["dataset"] == "my-data"
+    assert parse_trial_name("sscs-fpn-agp-s0.9")["granularity"] == "element"
+    assert parse_trial_name("sscs-fpn-dense")["granularity"] == "none"
+    # The config wins over the name.
+    trial = tmp_path / "trials" / "sscs-fpn-agp-s0.5"
+    trial.mkdir(parents=True)
+    trial.joinpath("config.yaml").write_text("pruning: {pruner: agp, granularity: channel}\n")
+    assert trial_row(trial)[0]["granularity"] == "channel"
+
+
+def test_size_and_latency_columns_come_from_final_json(fake_run_dir: Path) -> None:
+    run = load_run(fake_run_dir)
+    results = run.results.set_index("trial")
+    assert set(INFERENCE_COLUMNS.values()) | {"granularity"} <= set(RESULT_COLUMNS)
+    channel = results.loc["synthetic-fpn-agp-channel-s0.9"]
+    assert channel["granularity"] == "channel" and channel["pruner"] == "agp"
+    expected = inference("fpn", "agp", 0.9, "channel")
+    assert channel["params_deploy"] == expected["params"] == 100
+    for column in ("gmacs", "compact_mib", "compact_fp16_mib", "latency_ms"):
+        assert channel[column] == pytest.approx(expected[column])
+    assert channel["latency_device"] == "cpu"
+    element = results.loc["synthetic-fpn-agp-s0.9"]
+    assert element["granularity"] == "element" and element["params_deploy"] == 1000
+    assert results.loc["synthetic-fpn-dense", "granularity"] == "none"  # config says element
+    assert math.isnan(results.loc[NO_LATENCY, "latency_ms"])
+    assert results.loc[NO_LATENCY, "compact_mib"] > 0
+    old = results.loc["nea-fpn-agp-s0.9"]  # no `inference` block, no granularity in its config
+    assert old["granularity"] == "element" and pd.isna(old["latency_device"])
+    assert all(math.isnan(old[c]) for c in ("params_deploy", "gmacs", "compact_mib", "latency_ms"))
+    curves = run.curves
+    assert set(curves.loc[curves["trial"].isin(CHANNEL_TRIALS), "granularity"]) == {"channel"}
+
+
+def test_expected_trials_with_a_granularity_axis() -> None:
+    grid = {"datasets": ["sscs"], "models": ["fpn"], "pruners": ["agp"], "sparsities": [0.5]}
+    assert expected_trials({"sweep": grid}) == ["sscs-fpn-dense", "sscs-fpn-agp-s0.5"]
+    both = {"sweep": {**grid, "granularities": ["element", "channel"]}}
+    assert expected_trials(both) == [
+        "sscs-fpn-dense",
+        "sscs-fpn-agp-s0.5",
+        "sscs-fpn-agp-channel-s0.5",
+    ]

@@ -76,31 +76,66 @@ def test_filter_run_keeps_dense_references(fake_run_dir: Path) -> None:
     assert set(shown.curves["trial"]) == set(shown.results["trial"])
     options = facet_options(run)
     assert options["sparsity"] == [0.2, 0.5, 0.9] and options["pruner"] == ["lp", "agp", "mp"]
+    assert options["granularity"] == ["element", "channel"]
+    assert "synthetic-fpn-agp-channel-s0.9" in set(
+        filter_run(run, ["fpn"], ["agp"], [0.9]).results["trial"]
+    )
+    channel = filter_run(run, ["fpn"], ["agp"], [0.9], ["channel"])
+    assert set(channel.results["trial"]) == {
+        "synthetic-fpn-dense",
+        "synthetic-fpn-agp-channel-s0.9",
+        "nea-fpn-dense",
+    }
 
 
 def test_view_rereads_the_run_when_it_changes(own_run_dir: Path) -> None:
     cache = RunCache(own_run_dir)
     out = view(cache, "nea", ["fpn", "linknet"], ["agp"], [0.9])
-    assert out["status"].startswith("59 trials: 57 finished, 1 errored, 1 running")
+    assert out["status"].startswith("63 trials: 61 finished, 1 errored, 1 running")
     names = [t.name for t in out["sparsity"].data]
     assert names == ["fpn dense", "fpn agp", "linknet dense"]  # linknet agp 0.9 still running
     assert out["examples"].layout.meta["pruner"] == "agp"
+    assert {"pareto_latency", "pareto_size"} <= set(out)
+    headers = [th.children for th in out["trials"].children[0].children]
+    assert "latency ms" in headers and "compact MiB (fp32)" in headers
+    rows = [tr.className for tr in out["trials"].children[1:]]  # fpn and linknet: dense, agp 0.9
+    assert rows == ["status-finished"] * 3 + ["status-running"]
+    synthetic = view(cache, "synthetic", ["fpn"], ["agp"], [0.9], ["channel"])
+    assert [t.name for t in synthetic["pareto_latency"].data] == [
+        "fpn dense",
+        "fpn agp (channel)",
+        "Pareto front",
+    ]
+    assert synthetic["examples"].layout.meta["granularity"] == "channel"
     version = cache.version
     cache.get()
     assert cache.version == version  # nothing changed: nothing re-read
     finish_running_trial(own_run_dir)
     out = view(cache, "nea", ["fpn", "linknet"], ["agp"], [0.9])
-    assert cache.version == version + 1 and "58 finished, 1 errored, 0 running" in out["status"]
+    assert cache.version == version + 1 and "62 finished, 1 errored, 0 running" in out["status"]
     assert "linknet agp" in [t.name for t in out["sparsity"].data]
 
 
 def test_updated_filters_tick_new_values_and_keep_unticked_ones() -> None:
-    options = {"dataset": ["nea"], "model": ["fpn", "unet"], "pruner": ["lp"], "sparsity": [0.5]}
-    old_options = [[{"label": "fpn", "value": "fpn"}], [{"label": "lp", "value": "lp"}], []]
-    dataset, new_options, values = updated_filters(options, "gone", old_options, [[], ["lp"], []])
+    options = {
+        "dataset": ["nea"],
+        "model": ["fpn", "unet"],
+        "pruner": ["lp"],
+        "granularity": ["element", "channel"],
+        "sparsity": [0.5],
+    }
+    old_options = [
+        [{"label": "fpn", "value": "fpn"}],
+        [{"label": "lp", "value": "lp"}],
+        [{"label": "element", "value": "element"}],
+        [],
+    ]
+    old_values = [[], ["lp"], ["element"], []]
+    dataset, new_options, values = updated_filters(options, "gone", old_options, old_values)
     assert dataset == "nea"
-    assert values == [["unet"], ["lp"], [0.5]]  # fpn stays unticked, unet and 0.5 are new
-    assert new_options[2] == [{"label": "0.5", "value": 0.5}]
+    # fpn stays unticked; unet, channel and 0.5 are new
+    assert values == [["unet"], ["lp"], ["element", "channel"], [0.5]]
+    assert new_options[3] == [{"label": "0.5", "value": 0.5}]
 
 
 def test_dashboard_command_binds_to_localhost_by_default() -> None:
@@ -123,7 +158,7 @@ def test_report_page_in_a_browser(browser, fake_run_dir: Path, tmp_path: Path) -
     build_report(fake_run_dir, tmp_path)
     browser.get((tmp_path / "dashboard.html").as_uri())
     plots = len(browser.find_elements("css selector", ".js-plotly-plot"))
-    assert plots == 12  # six figures for each of the two datasets
+    assert plots == 16  # eight figures for each of the two datasets
     wait_for(lambda: browser.execute_script(RENDERED_PLOTS_JS) == plots, what="plots with svg")
     all_traces = browser.execute_script(VISIBLE_TRACES_JS)
     save_screenshot(browser, tmp_path / "report-dashboard.png")
@@ -155,7 +190,7 @@ def test_report_page_in_a_browser(browser, fake_run_dir: Path, tmp_path: Path) -
 def test_live_dashboard_in_a_browser(browser, own_run_dir: Path, tmp_path: Path) -> None:
     with serving(create_app(own_run_dir, refresh_s=1.0)) as url:
         browser.get(url)
-        wait_for(lambda: browser.execute_script(RENDERED_PLOTS_JS) == 6, 20, "six plots")
+        wait_for(lambda: browser.execute_script(RENDERED_PLOTS_JS) == 8, 20, "eight plots")
         count = wait_for(lambda: browser.execute_script(VISIBLE_TRACES_JS), what="traces")
         status = browser.find_element("id", "status")
         assert "1 running" in status.text

@@ -15,13 +15,16 @@ from analysis.figures import (
     ema,
     examples_figure,
     label_distribution_figure,
+    latency_pareto_figure,
+    pareto_front,
     per_class_figure,
     pruning_figure,
+    size_pareto_figure,
     sparsity_figure,
     training_figure,
 )
 from analysis.images import colorize, png_data_uri
-from tests.analysis.fake_run import DENSE_MIOU, PRUNE_EPOCHS, RUNNING
+from tests.analysis.fake_run import DENSE_MIOU, NO_LATENCY, PRUNE_EPOCHS, RUNNING
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +66,13 @@ def test_pruning_figure_marks_boundary_and_steps(run) -> None:
     assert len(names) == 3 * 3 * 3 - 1  # one trial of nea not started
     lp = fig.data[names.index("fpn lp s0.9")]
     assert list(lp.marker.symbol).count("diamond") == 2  # two pruning steps
-    assert lp.meta == {"dataset": "nea", "model": "fpn", "pruner": "lp", "sparsity": 0.9}
+    assert lp.meta == {
+        "dataset": "nea",
+        "model": "fpn",
+        "pruner": "lp",
+        "granularity": "element",
+        "sparsity": 0.9,
+    }
     (boundary,) = fig.layout.shapes
     assert boundary.x0 == PRUNE_EPOCHS + 0.5
     assert "Figure 6" in fig.layout.title.text
@@ -73,10 +82,15 @@ def test_pruning_figure_marks_boundary_and_steps(run) -> None:
 def test_sparsity_figure_starts_each_line_at_the_dense_model(run) -> None:
     fig = sparsity_figure(run.results, "synthetic")
     by_name = {t.name: t for t in fig.data}
-    assert len(fig.data) == 3 * (1 + 3)  # per model: dense star + one line per pruner
+    # per model: dense star + one line per pruner; fpn and linknet also AGP at channel granularity
+    assert len(fig.data) == 3 * (1 + 3) + 2
     line = by_name["fpn agp"]
     assert list(line.x) == [0.0, 0.2, 0.5, 0.9]
     assert line.y[0] == pytest.approx(DENSE_MIOU["fpn"])
+    channel = by_name["fpn agp (channel)"]
+    assert list(channel.x) == [0.0, 0.5, 0.9] and channel.y[0] == line.y[0]  # same dense start
+    assert channel.meta["granularity"] == "channel" and channel.marker.symbol == "diamond-open"
+    assert line.meta["granularity"] == "element"
     assert list(by_name["unet mp"].x) == [0.0, 0.2, 0.5]  # the 0.9 trial errored
     assert by_name["fpn dense"].meta["reference"] is True
     assert fig.layout.xaxis.title.text == "target sparsity"
@@ -126,3 +140,57 @@ def test_colorize_and_png() -> None:
     idat = png[png.index(b"IDAT") + 4 :]
     raw = zlib.decompressobj().decompress(idat)
     assert raw[:7] == b"\x00" + bytes(rgb[0].ravel())
+
+
+def test_pareto_front_on_a_hand_made_case() -> None:
+    cost = [1.0, 2.0, 2.0, 3.0, 4.0, 4.0, 5.0, np.nan, 0.5]
+    miou = [0.5, 0.6, 0.55, 0.6, 0.7, 0.7, 0.65, 0.9, np.nan]
+    # 0.55 at 2 and 0.6 at 3 are beaten by 0.6 at 2; 0.65 at 5 by 0.7 at 4; the twins at 4 both
+    # stay; points with a NaN are never on the front and beat nothing.
+    expected = [True, True, False, False, True, True, False, False, False]
+    assert pareto_front(cost, miou).tolist() == expected
+    assert pareto_front([], []).tolist() == []
+
+
+def test_latency_pareto_figure(run) -> None:
+    fig = latency_pareto_figure(run.results, "synthetic")
+    by_name = {t.name: t for t in fig.data}
+    assert fig.layout.xaxis.title.text == "median batch-1 latency (ms, cpu)"
+    assert fig.layout.yaxis.title.text == "test mIoU"
+    assert "latency" in fig.layout.title.text and "1 finished trial has no latency" in (
+        fig.layout.title.text
+    )
+    # One point per finished trial with a latency (unet mp s0.9 errored).
+    points = [t for t in fig.data if t.mode == "markers"]
+    assert sum(len(t.x) for t in points) == 3 + 3 * 9 + 4 - 2
+    assert NO_LATENCY not in {trial for t in points for trial in t.text}
+    channel = by_name["fpn agp (channel)"]
+    assert list(channel.text) == [
+        "synthetic-fpn-agp-channel-s0.5",
+        "synthetic-fpn-agp-channel-s0.9",
+    ]
+    assert channel.marker.symbol == "diamond-open" and "%{text}" in channel.hovertemplate
+    assert by_name["fpn dense"].marker.symbol == "star" and by_name["fpn dense"].meta["reference"]
+    assert by_name["fpn agp"].marker.color == channel.marker.color  # colour by model
+    front = by_name["Pareto front"]
+    assert front.line.shape == "hv" and front.meta == {"dataset": "synthetic", "front": True}
+    # A staircase: cost and mIoU both rise along it.
+    assert (np.diff(front.x) > 0).all() and (np.diff(front.y) > 0).all()
+    # The cheapest points are the channel-pruned ones; the front ends at the best dense model.
+    assert front.x[0] == pytest.approx(18 * 0.2) and front.y[-1] == pytest.approx(0.70)
+
+
+def test_size_pareto_figure_and_a_run_without_sizes(run) -> None:
+    fig = size_pareto_figure(run.results, "synthetic")
+    assert fig.layout.xaxis.title.text == "compact export file size, fp32 (MiB)"
+    front = next(t for t in fig.data if t.name == "Pareto front")
+    assert front.x[0] == pytest.approx(40 * 0.1)  # fpn channel at 0.9 is the smallest file
+    assert not fig.layout.annotations
+    for figure in (size_pareto_figure, latency_pareto_figure):
+        old = figure(run.results, "nea")  # written before final.json had `inference`
+        assert len(old.data) == 0 and "nea" in old.layout.title.text
+        assert "no finished trial's final.json has inference" in old.layout.annotations[0].text
+        assert old.layout.yaxis.title.text == "test mIoU"
+    gone = run.results.drop(columns=["latency_ms", "latency_device", "compact_mib"])
+    assert latency_pareto_figure(gone, "synthetic").layout.annotations
+    assert size_pareto_figure(gone, "synthetic").layout.annotations

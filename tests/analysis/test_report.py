@@ -50,6 +50,23 @@ def test_page_is_self_contained_and_names_what_is_missing(report_dir: Path) -> N
     assert "MP unstable, worst at 20% sparsity" in page and "not run" in page
 
 
+def test_page_has_the_pareto_plots_and_size_and_latency_columns(report_dir: Path) -> None:
+    page = (report_dir / "dashboard.html").read_text()
+    for dataset in ("synthetic", "nea"):
+        for key in ("pareto_latency", "pareto_size"):
+            assert f'id="fig-{dataset}-{key}"' in page
+    assert "Test mIoU against latency, synthetic" in page
+    assert "Test mIoU against model size, synthetic" in page
+    assert "no latency measured yet" in page  # nea: a run from before the inference block
+    for header in ("granularity", "deployed params", "GMACs", "compact MiB (fp32)", "latency ms"):
+        assert f"<th>{header}</th>" in page
+    assert 'id="filter-granularity"' in page and 'data-granularity="channel"' in page
+    assert "synthetic-fpn-agp-channel-s0.9" in page
+    results = pd.read_parquet(report_dir / "results.parquet").set_index("trial")
+    assert results.loc["synthetic-fpn-agp-channel-s0.9", "latency_ms"] > 0
+    assert results.loc["nea-fpn-dense", "granularity"] == "none"
+
+
 def test_report_command(own_run_dir: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["report", str(own_run_dir)]) == 0
     out = capsys.readouterr().out
