@@ -13,9 +13,10 @@ from trainables.errors import UserError
 DATASETS = ("synthetic", "sscs", "nea", "folder")
 ARCHS = ("unet", "unetplusplus", "fpn", "linknet", "manet")
 PRUNERS = ("none", "lp", "agp", "mp", "magnitude")
-GRANULARITIES = ("element",)
+GRANULARITIES = ("element", "channel")
 SCOPES = ("layer", "global")
 DEVICES = ("auto", "cpu", "cuda")
+COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
 SSCS_VARIANTS = ("512x512", "original")
 NUM_CLASSES = {"sscs": 4, "nea": 3}
 
@@ -98,11 +99,11 @@ class StagesConfig:
 @dataclass(frozen=True)
 class PruningConfig:
     pruner: str = "none"
-    sparsity: float = 0.0  # target fraction of prunable weights set to zero
+    sparsity: float = 0.0  # target fraction of prunable weights (or channels) set to zero
     initial_sparsity: float = 0.0
     steps: int = 5  # LP/AGP mask updates, evenly spaced through the prune stage
-    granularity: str = "element"
-    scope: str = "layer"  # rank within each layer, or globally across layers
+    granularity: str = "element"  # single weights, or whole channels (physically removable)
+    scope: str = "layer"  # rank within each layer, or globally across layers (element only)
     exclude: tuple[str, ...] = ("segmentation_head",)  # module-name prefixes never pruned
     mp_warmup_epochs: int = 20  # movement pruning: dense epochs at the start of the prune stage
     mp_cooldown_epochs: int = 10  # movement pruning: epochs at the target before fine-tuning
@@ -113,8 +114,24 @@ class RuntimeConfig:
     device: str = "auto"
     threads: int | None = None  # torch threads (None: leave as is; Ray sets it from trial CPUs)
     progress: bool = True  # a progress bar per epoch when stderr is a terminal
-    amp: bool = False  # bfloat16 autocast for the forward passes (no loss scaling needed)
-    channels_last: bool = False  # NHWC memory format for model and inputs
+    # Speed switches; "auto" (None) is what measured fastest on each device (BENCHMARKS.md):
+    # on a GPU bf16 + channels-last + CUDA graphs (3.3x fp32 eager, FPN-R101), on a CPU all off.
+    amp: bool | None = None  # bfloat16 autocast for the forward passes (no loss scaling needed)
+    channels_last: bool | None = None  # NHWC memory format for model and inputs
+    compile: str = "auto"  # torch.compile of the training forward: mode, "off" or "auto"
+    latency_repeats: int = 5  # final model's CPU latency runs recorded in final.json (0: skip)
+
+    def resolve(self, device: str) -> RuntimeConfig:
+        """A copy with every "auto" switch decided for `device` ("cpu" or "cuda")."""
+        gpu = device == "cuda"
+        return dataclasses.replace(
+            self,
+            amp=gpu if self.amp is None else self.amp,
+            channels_last=gpu if self.channels_last is None else self.channels_last,
+            compile=("reduce-overhead" if gpu else "off")
+            if self.compile == "auto"
+            else self.compile,
+        )
 
 
 @dataclass(frozen=True)
@@ -191,7 +208,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        nulls = ("none", "null", "auto") if set(args) == {bool, type(None)} else ("none", "null")
+        is_none = value is None or (isinstance(value, str) and value.lower() in nulls)
         if is_none and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
@@ -245,6 +263,7 @@ def validate(cfg: TrialConfig) -> None:
     _choice("pruning.granularity", p.granularity, GRANULARITIES)
     _choice("pruning.scope", p.scope, SCOPES)
     _choice("runtime.device", cfg.runtime.device, DEVICES)
+    _choice("runtime.compile", cfg.runtime.compile, COMPILE_MODES)
     if d.dataset == "synthetic":
         syn = d.synthetic
         _check(syn.classes in (3, 4), "data.synthetic.classes", syn.classes, "3 or 4")
@@ -283,6 +302,8 @@ def validate(cfg: TrialConfig) -> None:
     )
     _check(d.nea_block_size >= 1, "data.nea_block_size", d.nea_block_size, "at least 1")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more")
+    r = cfg.runtime
+    _check(r.latency_repeats >= 0, "runtime.latency_repeats", r.latency_repeats, "0 or more")
     _check(d.resize is None or d.resize >= 32, "data.resize", d.resize, "none or at least 32")
     _check(o.batch_size >= 1, "optim.batch_size", o.batch_size, "at least 1")
     _check(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "in [0, 1)")
@@ -309,6 +330,12 @@ def validate(cfg: TrialConfig) -> None:
         "pruning.initial_sparsity",
         p.initial_sparsity,
         f"in [0, sparsity={p.sparsity}]",
+    )
+    _check(
+        p.granularity == "element" or p.scope == "layer",
+        "pruning.scope",
+        p.scope,
+        "'layer' with pruning.granularity 'channel' (every layer keeps its share of channels)",
     )
     if cfg.pruned:
         _check(p.sparsity > 0, "pruning.sparsity", p.sparsity, "above 0 when a pruner is set")

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from trainables.config import LossConfig, OptimConfig, RuntimeConfig
-from trainables.data.dataset import IGNORE_INDEX
+from trainables.data.dataset import IGNORE_INDEX, EpochSampler
 from trainables.errors import UserError
 from trainables.metrics import ConfusionMeter
 
@@ -82,11 +82,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def epoch_seed(seed: int, global_epoch: int) -> int:
-    """A seed per (run seed, epoch): a resumed run draws exactly what the uninterrupted one did."""
-    return (seed * 1_000_003 + global_epoch * 7919) % 2**31
-
-
 def pad_collate(
     batch: Sequence[tuple[torch.Tensor, torch.Tensor]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,16 +99,19 @@ def pad_collate(
 def make_loader(
     dataset: Dataset, batch_size: int, *, train: bool, num_workers: int = 0, seed: int = 0
 ) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
+    """Training loaders shuffle with `EpochSampler(seed)`: call `loader.sampler.set_epoch(e)`
+    before each epoch. Workers persist across epochs, keeping their decoded-image caches (torch
+    gives each worker one thread; OpenCV's pool is left alone: resizing it in a forked worker
+    deadlocks)."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train,
+        sampler=EpochSampler(len(dataset), seed) if train else None,
         drop_last=train and len(dataset) > batch_size,  # a batch of 1 breaks BatchNorm
         num_workers=num_workers,
         collate_fn=pad_collate,
-        generator=generator,
-        persistent_workers=False,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
     )
 
 
@@ -132,10 +130,11 @@ def _progress(loader: DataLoader, desc: str, runtime: RuntimeConfig) -> Any:
 
 
 def forward(model: nn.Module, images: torch.Tensor, runtime: RuntimeConfig) -> torch.Tensor:
-    """Logits in float32, computed under bf16 autocast and/or channels-last when configured."""
+    """Logits in float32, computed under bf16 autocast and/or channels-last when configured
+    (`runtime` resolved: "auto" counts as off here)."""
     if runtime.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=runtime.amp):
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bool(runtime.amp)):
         logits = model(images)  # (N, C, H, W)
     return logits.float()
 
@@ -154,7 +153,7 @@ def train_one_epoch(
 ) -> float:
     """Mean training loss over the epoch; synchronises with the device once, at the end."""
     hooks = hooks or StepHooks()
-    runtime = runtime or RuntimeConfig()
+    runtime = (runtime or RuntimeConfig()).resolve(device.type)
     model.train()
     total = torch.zeros((), device=device)
     seen = 0
@@ -187,7 +186,7 @@ def evaluate(
     desc: str = "eval",
 ) -> dict[str, Any]:
     """Loss and dataset-level IoU (one confusion matrix over the whole split)."""
-    runtime = runtime or RuntimeConfig()
+    runtime = (runtime or RuntimeConfig()).resolve(device.type)
     model.eval()
     meter = ConfusionMeter(num_classes, device, IGNORE_INDEX)
     total = torch.zeros((), device=device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import platform
 import socket
@@ -29,6 +30,7 @@ from trainables.checkpoint import (
 )
 from trainables.config import TrialConfig
 from trainables.data import build_datasets
+from trainables.data.dataset import epoch_seed
 from trainables.errors import UserError
 from trainables.models import build_model
 from trainables.pruning.masks import sparsity_stats
@@ -85,16 +87,25 @@ class Trial:
         self.evaluate_test = evaluate_test
         self.plan = stage_plan(cfg, warm_start is not None, finetune_only)
         self.device = engine.resolve_device(cfg.runtime.device)
+        self.runtime = cfg.runtime.resolve(self.device.type)
         engine.seed_everything(cfg.seed)
         self.data = build_datasets(cfg.data, cfg.seed)
         self.num_classes = cfg.data.classes
         self.model = build_model(cfg.model, self.num_classes).to(self.device)
-        if cfg.runtime.channels_last:
+        if self.runtime.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        # Training crops have one size, so a compiled (and CUDA-graphed) forward pays off there;
+        # evaluation sees whole images of many sizes and stays eager. Parameters are shared.
+        self.train_model = (
+            torch.compile(self.model, mode=self.runtime.compile)
+            if self.runtime.compile != "off"
+            else self.model
+        )
         self.loss_fn = engine.build_loss(cfg.loss).to(self.device)
         self.val_loader = self._loader(self.data.val, train=False)
         self.test_loader = self._loader(self.data.test, train=False)
-        self.iters_per_epoch = len(self._loader(self.data.train, train=True))
+        self.train_loader = self._loader(self.data.train, train=True, seed=cfg.seed)
+        self.iters_per_epoch = len(self.train_loader)
         if self.iters_per_epoch == 0:
             raise UserError(f"the training split has no batches (size {len(self.data.train)})")
         self.pruner: Pruner | None = None
@@ -211,20 +222,19 @@ class Trial:
         hooks = self._hooks(stage)
         for epoch in range(pos.epoch + 1, epochs + 1):
             t0 = time.perf_counter()
-            seed = engine.epoch_seed(self.cfg.seed, pos.global_epoch + 1)
+            seed = epoch_seed(self.cfg.seed, pos.global_epoch + 1)
             torch.manual_seed(seed)
-            self.data.train.set_epoch(pos.global_epoch + 1)
-            loader = self._loader(self.data.train, train=True, seed=seed)
+            self.train_loader.sampler.set_epoch(pos.global_epoch + 1)
             desc = f"{stage} {epoch}/{epochs}"
             train_loss = engine.train_one_epoch(
-                self.model,
-                loader,
+                self.train_model,
+                self.train_loader,
                 self.loss_fn,
                 optimizer,
                 scheduler,
                 self.device,
                 hooks=hooks,
-                runtime=self.cfg.runtime,
+                runtime=self.runtime,
                 desc=desc,
             )
             changed = False
@@ -236,7 +246,7 @@ class Trial:
                 self.loss_fn,
                 self.num_classes,
                 self.device,
-                self.cfg.runtime,
+                self.runtime,
                 desc=f"val {epoch}/{epochs}",
             )
             pos.epoch, pos.global_epoch = epoch, pos.global_epoch + 1
@@ -287,7 +297,9 @@ class Trial:
         }
 
     def _sparsity(self) -> dict[str, Any]:
-        return sparsity_stats(self.model, self.pruner.masks if self.pruner is not None else None)
+        if self.pruner is None:
+            return sparsity_stats(self.model, None)
+        return sparsity_stats(self.model, self.pruner.masks, self.pruner.achieved_sparsity())
 
     def test_metrics(self) -> dict[str, Any]:
         test = engine.evaluate(
@@ -296,7 +308,7 @@ class Trial:
             self.loss_fn,
             self.num_classes,
             self.device,
-            self.cfg.runtime,
+            self.runtime,
             desc="test",
         )
         return {
@@ -327,6 +339,7 @@ class Trial:
             "dense": pos.dense_test,
             "pruned": pruned,
             **self._sparsity(),
+            "inference": self.inference(final_state.get("masks")),
             "wall_time_s": round(wall_time, 3),
             "warm_start": str(self.warm_start) if self.warm_start else None,
         }
@@ -343,6 +356,16 @@ class Trial:
                 }
             )
         return result
+
+    def inference(self, masks: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+        """The deployable model's cost (slim when channel-pruned) at the test images' size."""
+        from trainables.bench_infer import inference_summary
+        from trainables.export import slim
+
+        full = copy.deepcopy(self.model).cpu()
+        size = tuple(self.data.test[0][0].shape[-2:]) if len(self.data.test) else (512, 512)
+        deployable = slim(copy.deepcopy(full), self.cfg, masks)
+        return inference_summary(full, deployable, size, self.cfg.runtime.latency_repeats)
 
 
 def environment(cfg: TrialConfig, meta: dict[str, Any] | None) -> dict[str, Any]:
@@ -420,11 +443,14 @@ def run_trial(
 
 
 def model_from_checkpoint(path: Path) -> tuple[nn.Module, TrialConfig]:
-    """The model stored in a corroprune checkpoint (dense.pt, final.pt, last.pt), masks applied."""
+    """The model stored in a corroprune checkpoint (dense.pt, final.pt, last.pt), masks applied;
+    a channel-pruned final.pt comes back slim (its dropped channels cut out)."""
+    from trainables.export import slim
+
     state = load_checkpoint(path)
     if "config" not in state or "model" not in state:
         raise UserError(f"{path} is not a corroprune checkpoint (no config/model)")
     cfg = TrialConfig.from_dict(state["config"]).replace(model={"encoder_weights": None})
     model = build_model(cfg.model, cfg.data.classes)
     model.load_state_dict(state["model"])
-    return model, cfg
+    return slim(model, cfg, state.get("masks")), cfg

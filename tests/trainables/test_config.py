@@ -80,3 +80,17 @@ def test_set_flags_parse_to_nested_overrides() -> None:
     assert parse_set(["optim.max_lr=0.02", "seed=3"]) == {"optim": {"max_lr": 0.02}, "seed": 3}
     with pytest.raises(UserError, match="KEY=VALUE"):
         parse_set(["optim.max_lr"])
+
+
+def test_runtime_auto_switches_resolve_per_device() -> None:
+    """ "auto" is the measured fastest choice per device: bf16, channels-last and CUDA graphs on
+    a GPU, all off on a CPU; explicit values win."""
+    runtime = TrialConfig.from_dict({"runtime": {"amp": "auto"}}).runtime
+    assert (runtime.amp, runtime.channels_last, runtime.compile) == (None, None, "auto")
+    gpu, cpu = runtime.resolve("cuda"), runtime.resolve("cpu")
+    assert (gpu.amp, gpu.channels_last, gpu.compile) == (True, True, "reduce-overhead")
+    assert (cpu.amp, cpu.channels_last, cpu.compile) == (False, False, "off")
+    fixed = TrialConfig.from_dict({"runtime": {"amp": "false", "compile": "default"}}).runtime
+    assert (fixed.resolve("cuda").amp, fixed.resolve("cuda").compile) == (False, "default")
+    with pytest.raises(UserError, match="runtime.compile"):
+        TrialConfig.from_dict({"runtime": {"compile": "fast"}})

@@ -154,3 +154,45 @@ def test_checkpoint_write_is_atomic_and_refuses_pickled_code(tmp_path) -> None:
     torch.save({"x": Boom()}, evil, _use_new_zipfile_serialization=True)
     with pytest.raises(UserError, match="evil.pt"):
         load_checkpoint(evil)
+
+
+def test_channel_pruned_trial_records_a_slim_deployable_model(tmp_path) -> None:
+    config = tiny_config(
+        model={"arch": "unet"}, pruning={"pruner": "agp", "sparsity": 0.5, "granularity": "channel"}
+    )
+    cfg = TrialConfig.from_dict(config)
+    result = run_trial(cfg, tmp_path)
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["achieved_sparsity"] for r in records if r["stage"] == "finetune"] == [0.5]
+    inference = result["inference"]
+    assert inference["size"] == [64, 64] and inference["latency_ms"] > 0
+    assert inference["params"] == result["nonzero_params"] < 0.7 * result["total_params"]
+    assert inference["compact_fp16_mib"] < inference["compact_mib"] < inference["dense_fp32_mib"]
+    slim, _ = model_from_checkpoint(tmp_path / "checkpoints" / "final.pt")
+    assert sum(p.numel() for p in slim.parameters()) == inference["params"]
+
+
+def test_channel_granularity_rejects_global_scope() -> None:
+    config = tiny_config(pruning={"pruner": "agp", "sparsity": 0.5, "granularity": "channel"})
+    config["pruning"]["scope"] = "global"
+    with pytest.raises(UserError, match="pruning.scope"):
+        TrialConfig.from_dict(config)
+
+
+def test_compile_switch_compiles_the_training_forward_only(tmp_path, monkeypatch) -> None:
+    """runtime.compile wraps the model for training steps (one crop size); evaluation and the
+    checkpoints use the plain model, which shares the parameters."""
+    compiled = []
+
+    def fake_compile(model, mode):
+        compiled.append(mode)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    config = tiny_config(stages={"train_epochs": 1, "prune_epochs": 0, "finetune_epochs": 0})
+    config["runtime"]["compile"] = "reduce-overhead"
+    run_trial(TrialConfig.from_dict(config), tmp_path / "on")
+    assert compiled == ["reduce-overhead"]
+    config["runtime"]["compile"] = "auto"  # on a CPU: off
+    run_trial(TrialConfig.from_dict(config), tmp_path / "auto")
+    assert compiled == ["reduce-overhead"]

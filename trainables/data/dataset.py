@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import random
+from collections.abc import Iterator
+
 import albumentations as A
 import cv2
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from trainables.config import DataConfig
 from trainables.data.formats import Item, load_item
@@ -82,6 +85,11 @@ def eval_transform(cfg: DataConfig) -> A.Compose:
     )
 
 
+def epoch_seed(seed: int, global_epoch: int) -> int:
+    """A seed per (run seed, epoch): a resumed run draws exactly what the uninterrupted one did."""
+    return (seed * 1_000_003 + global_epoch * 7919) % 2**31
+
+
 class SegmentationDataset(Dataset):
     """Items -> (image (3, H, W) float, mask (H, W) long); augmentation seeded per (epoch, index)."""
 
@@ -115,10 +123,35 @@ class SegmentationDataset(Dataset):
             self._cache[index] = pair
         return pair
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`index`, or `(epoch, index)` from `EpochSampler` (persistent workers never see
+        `set_epoch`, so the epoch travels with the index)."""
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         image, mask = self.raw(index)
-        self.transform.set_random_seed(
-            (self.seed * 1_000_003 + self.epoch * 100_003 + index) % 2**32
-        )
+        seed = (self.seed * 1_000_003 + epoch * 100_003 + index) % 2**32
+        # One generator shared by the whole pipeline, drawn in order: `set_random_seed` would
+        # give every transform the same seed, so all of them would fire (or not) together.
+        self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
         out = self.transform(image=image, mask=mask)
         return out["image"], out["mask"].long()
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """A shuffle per epoch that depends only on (seed, epoch), yielding `(epoch, index)`:
+    exact on resume, and usable with persistent workers (`set_epoch` runs in the main process)."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
+        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if not self.shuffle:
+            return ((self.epoch, i) for i in range(self.size))
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        order = torch.randperm(self.size, generator=generator)
+        return ((self.epoch, int(i)) for i in order)

@@ -14,6 +14,7 @@ from trainables.data import build_datasets, split_items
 from trainables.data.check import check_dataset, class_distribution
 from trainables.data.dataset import (
     IGNORE_INDEX,
+    EpochSampler,
     SegmentationDataset,
     eval_transform,
     train_transform,
@@ -190,6 +191,41 @@ def test_augmentation_is_deterministic_per_epoch_and_index() -> None:
     c = ds[0]
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0])
+
+
+def test_augmentations_fire_independently() -> None:
+    """Each transform draws its own chance: about 2.5 % of crops come out untouched
+    (0.2 * 0.5^3) and some are only flipped or turned (no affine). A pipeline seeded with one
+    seed per transform fires them all together: about 20 % untouched, none only flipped."""
+    image, mask = generate_sample(np.random.default_rng(0), 32, 4)
+    ds = SegmentationDataset(
+        [Item(Path(str(i)), Path("y")) for i in range(200)],
+        train_transform(DataConfig(crop_size=32)),
+        4,
+        seed=5,
+    )
+    ds._cache = {i: (image, mask) for i in range(200)}
+    plain = SegmentationDataset([Item(Path("x"), Path("y"))], eval_transform(DataConfig()), 4)
+    plain._cache = {0: (image, mask)}
+    ref = plain[0][0]  # (3, 32, 32)
+    turns = [torch.rot90(ref, k, (-2, -1)) for k in range(4)]
+    dihedral = turns + [t.flip(-1) for t in turns]
+    untouched = flipped_only = 0
+    for i in range(200):
+        out = ds[(1, i)][0]
+        untouched += torch.equal(out, ref)
+        flipped_only += any(torch.equal(out, v) for v in dihedral[1:])
+    assert untouched < 20 and flipped_only > 10
+
+
+def test_epoch_sampler_shuffles_per_epoch_and_carries_the_epoch() -> None:
+    sampler = EpochSampler(10, seed=3)
+    sampler.set_epoch(1)
+    first = list(sampler)
+    assert {e for e, _ in first} == {1} and sorted(i for _, i in first) == list(range(10))
+    assert list(sampler) == first  # depends only on (seed, epoch): exact on resume
+    sampler.set_epoch(2)
+    assert [i for _, i in sampler] != [i for _, i in first]
 
 
 def test_synthetic_set_is_deterministic_with_sscs_like_shares(tmp_path: Path) -> None:

@@ -1,0 +1,100 @@
+"""The training and loader benchmarks measure the project's own step and pipeline, on tiny inputs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench_train() -> ModuleType:
+    return load("bench_train")
+
+
+@pytest.fixture(scope="module")
+def bench_loader() -> ModuleType:
+    return load("bench_loader")
+
+
+def train_args(**overrides: object) -> argparse.Namespace:
+    base = {"encoder": "tu-test_resnet", "size": 32, "batch": 2, "classes": 4, "steps": 2}
+    return argparse.Namespace(**{**base, "warmup": 1, **overrides})
+
+
+def test_variants_measured_from_the_same_start(bench_train: ModuleType) -> None:
+    args, device = train_args(), torch.device("cpu")
+    batch = bench_train.random_batch(args, device)
+    fp32 = bench_train.measure("fpn", "fp32", batch, args, device)
+    fast = bench_train.measure("fpn", "bf16+channels_last", batch, args, device)
+    for result in (fp32, fast):
+        assert result["images_per_s"] > 0 and math.isfinite(result["last_loss"])
+    assert fast["last_loss"] == pytest.approx(fp32["last_loss"], abs=0.02)  # same seed, same data
+    row = bench_train.format_row(fast, fp32)
+    assert row.startswith("| fpn | bf16+channels_last |") and row.count("|") == 9
+
+
+def test_variant_list_puts_the_baseline_first(
+    bench_train: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parser = argparse.ArgumentParser()
+    names = bench_train.variant_list(argparse.Namespace(variants="bf16", compile=False), parser)
+    assert names == ["fp32", "bf16"]
+    all_names = bench_train.variant_list(argparse.Namespace(variants=None, compile=True), parser)
+    assert all_names[0] == "fp32" and "bf16+channels_last+cudagraphs" in all_names
+    eager = bench_train.variant_list(argparse.Namespace(variants=None, compile=False), parser)
+    assert all(bench_train.VARIANTS[n].compile == "off" for n in eager)
+    monkeypatch.setattr(sys, "stderr", sys.stdout)
+    with pytest.raises(SystemExit):
+        bench_train.variant_list(argparse.Namespace(variants="fp16", compile=False), parser)
+
+
+def test_trajectory_config_is_a_valid_train_only_trial(
+    bench_train: ModuleType, tmp_path: Path
+) -> None:
+    args = train_args(trajectory=3, train_images=8, test_images=2, workers=0, threads=None)
+    cfg = bench_train.trajectory_config(
+        "fpn", "bf16+channels_last", args, torch.device("cpu"), tmp_path
+    )
+    assert (cfg.runtime.amp, cfg.runtime.channels_last) == (True, True)
+    assert (cfg.stages.train_epochs, cfg.stages.prune_epochs, cfg.stages.finetune_epochs) == (
+        3,
+        0,
+        0,
+    )
+    assert cfg.loss.ce_weight == 0.5 and cfg.optim.max_lr == 0.05
+    assert cfg.model.encoder_weights is None and cfg.data.crop_size == 32
+
+
+def test_loader_augmentations_do_not_depend_on_workers(
+    bench_loader: ModuleType, tmp_path: Path
+) -> None:
+    args = argparse.Namespace(
+        images=10, size=64, batch=4, batches=0, check_batches=1, check_workers=2
+    )
+    cfg = bench_loader.data_config(args, tmp_path / "synthetic")
+    check = bench_loader.check_augmentations(cfg, args)
+    assert check["images"] == 4
+    assert check["identical_across_worker_counts"] is True
+    assert check["identical_across_epochs"] < check["images"]
+    shares = check["shares"]
+    assert shares["images"] == 8 and shares["untouched"] + shares["flipped_only"] <= 8
+    loader = bench_loader.make_loader(bench_loader.train_set(cfg), 4, train=True, seed=0)
+    seconds, seen = bench_loader.epoch_pass(loader, 1, args)
+    assert seen == 8 and seconds > 0  # 8 train images, batches of 4, last batch dropped
