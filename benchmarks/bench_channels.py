@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import statistics
 from datetime import UTC, datetime
 
@@ -24,7 +23,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from trainables.bench_infer import gmacs, latency_ms  # noqa: E402
+from trainables.bench_infer import cpu_name, gmacs, latency_ms  # noqa: E402
 from trainables.config import ModelConfig, PruningConfig  # noqa: E402
 from trainables.export import compact_bytes  # noqa: E402
 from trainables.models import build_model  # noqa: E402
@@ -95,7 +94,7 @@ def main() -> None:
                 args.repeats,
             )
         )
-    name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
     print(
         f"# {args.arch} / {args.encoder}, batch 1, {args.size[0]}x{args.size[1]}, {args.device} "
         f"({name}), {args.threads} thread(s), {args.repeats} runs, torch {torch.__version__}, "

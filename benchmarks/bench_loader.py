@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import platform
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -29,22 +28,13 @@ import cv2  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from trainables.bench_infer import cpu_name  # noqa: E402
 from trainables.config import DataConfig, SynthConfig  # noqa: E402
 from trainables.data import build_datasets  # noqa: E402
 from trainables.data.dataset import SegmentationDataset, eval_transform  # noqa: E402
 from trainables.engine import make_loader  # noqa: E402
 
 SEED = 0
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def data_config(args: argparse.Namespace, root: Path) -> DataConfig:

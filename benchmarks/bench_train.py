@@ -33,6 +33,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
 
+from trainables.bench_infer import cpu_name  # noqa: E402
 from trainables.checkpoint import read_jsonl  # noqa: E402
 from trainables.config import (  # noqa: E402
     ARCHS,
@@ -81,16 +82,6 @@ TRAJECTORY_OPTIM = {"max_lr": 0.05, "half_cycle_iters": 40}
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:

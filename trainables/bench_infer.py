@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import platform
 import resource
 import statistics
 import time
@@ -46,6 +47,17 @@ def _load(path: Path):
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     return model_from_checkpoint(path)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (for benchmark headers)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int, warmup: int = 3) -> list[float]:
