@@ -140,8 +140,8 @@ class EpochSampler(Sampler[tuple[int, int]]):
     """A shuffle per epoch that depends only on (seed, epoch), yielding `(epoch, index)`:
     exact on resume, and usable with persistent workers (`set_epoch` runs in the main process)."""
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
-        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -150,8 +150,6 @@ class EpochSampler(Sampler[tuple[int, int]]):
         return self.size
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        if not self.shuffle:
-            return ((self.epoch, i) for i in range(self.size))
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         order = torch.randperm(self.size, generator=generator)
         return ((self.epoch, int(i)) for i in order)

@@ -17,3 +17,17 @@ def movement_score(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 def magnitude_score(weight: torch.Tensor) -> torch.Tensor:
     return weight.abs()
+
+
+def taylor_scores(weights: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`taylor_score` of many tensors in a few multi-tensor kernels (float32)."""
+    gw = torch._foreach_mul(grads, weights)
+    torch._foreach_mul_(gw, gw)
+    return [t.float() for t in gw]
+
+
+def movement_scores(weights: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`movement_score` of many tensors in a few multi-tensor kernels (float32)."""
+    gw = torch._foreach_mul(grads, weights)
+    torch._foreach_neg_(gw)
+    return [t.float() for t in gw]

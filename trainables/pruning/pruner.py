@@ -99,10 +99,14 @@ class Pruner:
                 else:
                     self.scores[g.producer].add_(gw.pow(2))  # group Taylor: (sum g w)^2
             return
-        score = importance.movement_score if self.cfg.pruner == "mp" else importance.taylor_score
-        for name, p in self.masks.params.items():
-            if p.grad is not None:
-                self.scores[name].add_(score(p.detach(), p.grad).float())
+        names = [n for n, p in self.masks.params.items() if p.grad is not None]
+        weights = [self.masks.params[n].detach() for n in names]
+        grads = [self.masks.params[n].grad for n in names]
+        if self.cfg.pruner == "mp":
+            steps = importance.movement_scores(weights, grads)
+        else:
+            steps = importance.taylor_scores(weights, grads)
+        torch._foreach_add_([self.scores[n] for n in names], steps)
 
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.masks.apply()

@@ -205,3 +205,14 @@ def test_every_architecture_prunes_to_90_percent_and_runs(arch: str, encoder: st
     with torch.no_grad():
         out = model(torch.randn(1, 3, 64, 64))
     assert out.shape == (1, 4, 64, 64) and torch.isfinite(out).all()
+
+
+def test_multi_tensor_scores_equal_the_per_tensor_ones() -> None:
+    from trainables.pruning.importance import movement_scores, taylor_scores
+
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(4, 3, generator=gen), torch.randn(5, generator=gen)]
+    grads = [torch.randn(4, 3, generator=gen), torch.randn(5, generator=gen)]
+    for many, one in ((taylor_scores, taylor_score), (movement_scores, movement_score)):
+        for got, w, g in zip(many(weights, grads), weights, grads, strict=True):
+            torch.testing.assert_close(got, one(w, g))
