@@ -124,9 +124,15 @@ def load_compact(path: Path) -> tuple[nn.Module, TrialConfig]:
     if meta.get("format") != FORMAT:
         raise UserError(f"{path} is not a corroprune compact model (format {meta.get('format')!r})")
     cfg = TrialConfig.from_dict(json.loads(meta["config"])).replace(model={"encoder_weights": None})
-    model = rebuild(cfg, json.loads(meta.get("channels", "{}")))
-    state = expand_state(flat, json.loads(meta["shapes"]), json.loads(meta["dtypes"]))
-    model.load_state_dict(state)
+    try:
+        model = rebuild(cfg, json.loads(meta.get("channels", "{}")))
+        state = expand_state(flat, json.loads(meta["shapes"]), json.loads(meta["dtypes"]))
+        model.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise UserError(
+            f"compact model {path} does not fit its stored {cfg.model.arch}/{cfg.model.encoder} "
+            f"structure: {str(err).splitlines()[0]}"
+        ) from None
     return model.eval(), cfg
 
 

@@ -11,6 +11,7 @@ from sweep.cli import main
 from tests.conftest import NEA_SAMPLE
 from trainables.checkpoint import save_checkpoint
 from trainables.config import TrialConfig
+from trainables.errors import UserError
 from trainables.export import export_compact, export_onnx, load_compact, verify_onnx
 from trainables.models import build_model
 from trainables.pruning.pruner import Pruner
@@ -61,6 +62,20 @@ def test_channel_pruned_checkpoint_loads_slim_and_round_trips(arch: str, tmp_pat
         expected = masked(x)
         torch.testing.assert_close(slim.eval()(x), expected, atol=1e-4, rtol=1e-4)
         assert torch.equal(loaded(x), slim(x))
+
+
+def test_compact_file_with_a_foreign_channel_structure_is_refused(tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    masked, cfg, masks = pruned_with_masks("linknet", "tu-test_resnet", 0.5, "channel")
+    export_compact(masked, cfg, tmp_path / "m.safetensors")
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+        flat = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    save_file(flat, str(tmp_path / "bad.safetensors"), metadata={**meta, "channels": '{"x.y": 2}'})
+    with pytest.raises(UserError, match="bad.safetensors does not fit"):
+        load_compact(tmp_path / "bad.safetensors")
 
 
 @pytest.mark.parametrize("arch", ["unet", "unetplusplus", "fpn", "linknet", "manet"])
