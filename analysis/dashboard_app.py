@@ -235,7 +235,7 @@ def layout(run_dir: Path, refresh_s: float) -> html.Div:
             html.H3("Trials"),
             html.Div(id="trials"),
             dcc.Interval(id="tick", interval=int(refresh_s * 1000)),
-            dcc.Store(id="version"),
+            dcc.Store(id="shown"),
         ]
     )
 
@@ -283,7 +283,7 @@ def _register_filters(app: Dash, cache: RunCache) -> None:
 
 def _register_view(app: Dash, cache: RunCache) -> None:
     @app.callback(
-        Output("version", "data"),
+        Output("shown", "data"),
         Output("status", "children"),
         Output("missing", "children"),
         Output("claims", "children"),
@@ -292,16 +292,22 @@ def _register_view(app: Dash, cache: RunCache) -> None:
         Input("tick", "n_intervals"),
         Input("filter-dataset", "value"),
         *(Input(f"filter-{f}", "value") for f in FACETS),
-        State("version", "data"),
+        State("shown", "data"),
     )
-    def refresh_view(_tick, dataset, models, pruners, granularities, sparsities, shown_version):
+    def refresh_view(_tick, dataset, models, pruners, granularities, sparsities, shown):
         cache.get()
-        if ctx.triggered_id == "tick" and shown_version == cache.version:
-            raise PreventUpdate  # nothing changed on disk: keep the page (and its zoom) as it is
+        # What the page shows: the run's version and the filters it was drawn for. A tick that
+        # overtakes a slow filter render must not swallow it (Dash keeps the newest response).
+        now = {
+            "version": cache.version,
+            "filters": [dataset, models, pruners, granularities, sparsities],
+        }
+        if ctx.triggered_id == "tick" and shown == now:
+            raise PreventUpdate  # nothing changed: keep the page (and its zoom) as it is
         out = view(cache, dataset, models, pruners, sparsities, granularities or [])
         figures = (out[key] for key, _ in FIGURE_SECTIONS)
         status = (out["status"], out["missing"], out["claims"], out["trials"])
-        return cache.version, *status, *figures
+        return now, *status, *figures
 
 
 def create_app(run_dir: Path, refresh_s: float = 10.0) -> Dash:

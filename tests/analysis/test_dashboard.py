@@ -32,7 +32,7 @@ from tests.analysis.browser import (
 from tests.analysis.fake_run import RUNNING
 
 
-def wait_for(check: Callable[[], object], timeout: float = 10.0, what: str = "condition"):
+def wait_for(check: Callable[[], object], timeout: float = 30.0, what: str = "condition"):
     """Poll until `check()` is truthy; its value is returned."""
     end = time.monotonic() + timeout
     while True:
@@ -41,6 +41,19 @@ def wait_for(check: Callable[[], object], timeout: float = 10.0, what: str = "co
             assert value, f"timed out after {timeout}s waiting for {what}"
             return value
         time.sleep(0.2)
+
+
+def settled(read: Callable[[], object], what: str, timeout: float = 60.0):
+    """Poll until `read()` is truthy and gives the same value three times, a second apart (the
+    app's callbacks have landed): a value read mid-render is not the page's value."""
+    seen: list = []
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        seen = [*seen[-2:], read()]
+        if len(seen) == 3 and seen[0] and seen[0] == seen[1] == seen[2]:
+            return seen[0]
+        time.sleep(1.0)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} to settle")
 
 
 @contextmanager
@@ -190,19 +203,28 @@ def test_report_page_in_a_browser(browser, fake_run_dir: Path, tmp_path: Path) -
 def test_live_dashboard_in_a_browser(browser, own_run_dir: Path, tmp_path: Path) -> None:
     with serving(create_app(own_run_dir, refresh_s=1.0)) as url:
         browser.get(url)
-        wait_for(lambda: browser.execute_script(RENDERED_PLOTS_JS) == 8, 20, "eight plots")
-        count = wait_for(lambda: browser.execute_script(VISIBLE_TRACES_JS), what="traces")
+        wait_for(lambda: browser.execute_script(RENDERED_PLOTS_JS) == 8, 60, "eight plots")
         status = browser.find_element("id", "status")
-        assert "1 running" in status.text
+        wait_for(lambda: "1 running" in status.text, what="the status line")
+        model_boxes = "#filter-model input[type=checkbox]"
+        boxes = wait_for(
+            lambda: (
+                len(b := browser.find_elements("css selector", model_boxes)) == 3
+                and all(x.is_selected() for x in b)
+                and b
+            ),
+            what="three ticked model boxes",
+        )
+        # the filters are filled in: the render for all models follows; count it once it lands
+        count = settled(lambda: browser.execute_script(VISIBLE_TRACES_JS), "the traces")
         save_screenshot(browser, tmp_path / "live-dashboard.png")
-
-        boxes = browser.find_elements("css selector", "#filter-model input[type=checkbox]")
-        assert len(boxes) == 3
         boxes[0].click()  # untick the first model
         wait_for(lambda: 0 < browser.execute_script(VISIBLE_TRACES_JS) < count, what="fewer traces")
 
         finish_running_trial(own_run_dir)  # the sweep moves on; the page must follow
-        wait_for(lambda: "0 running" in status.text, 10, "the refresh to pick it up")
-        boxes = browser.find_elements("css selector", "#filter-model input[type=checkbox]")
-        assert [b.is_selected() for b in boxes] == [False, True, True]  # the choice survives
+        wait_for(lambda: "0 running" in status.text, 30, "the refresh to pick it up")
+        ticked = lambda: [  # noqa: E731
+            b.is_selected() for b in browser.find_elements("css selector", model_boxes)
+        ]
+        wait_for(lambda: ticked() == [False, True, True], what="the unticked model to stay so")
         assert severe_console_errors(browser) == []
