@@ -114,7 +114,8 @@ def inference_summary(
     full: nn.Module, deployable: nn.Module, size: tuple[int, int], repeats: int
 ) -> dict[str, Any]:
     """What a trial records of its final model's cost: parameters, MACs, file sizes and (when
-    `repeats` > 0) batch-1 CPU latency with the process's torch threads, at `size`."""
+    `repeats` > 0) batch-1 CPU latency with the process's torch threads, at `size`. `full` (the
+    model before any channel surgery, on any device) only gives the dense file size."""
     from trainables.export import compact_bytes
 
     deployable = deployable.eval().cpu()

@@ -362,10 +362,9 @@ class Trial:
         from trainables.bench_infer import inference_summary
         from trainables.export import slim
 
-        full = copy.deepcopy(self.model).cpu()
         size = tuple(self.data.test[0][0].shape[-2:]) if len(self.data.test) else (512, 512)
-        deployable = slim(copy.deepcopy(full), self.cfg, masks)
-        return inference_summary(full, deployable, size, self.cfg.runtime.latency_repeats)
+        deployable = slim(copy.deepcopy(self.model).cpu(), self.cfg, masks)
+        return inference_summary(self.model, deployable, size, self.cfg.runtime.latency_repeats)
 
 
 def environment(cfg: TrialConfig, meta: dict[str, Any] | None) -> dict[str, Any]:
