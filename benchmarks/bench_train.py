@@ -2,14 +2,19 @@
 
     python benchmarks/bench_train.py [--archs fpn,unet] [--encoder resnet101] [--size 512] [--compile]
     python benchmarks/bench_train.py --trajectory 5 --archs fpn [--fast-variant bf16+channels_last]
+                                     [--noise-floor [--noise-seed 1] | --seeds 0,1,2]
 
 Throughput mode: each step is the project's own (smp model, `engine.build_loss`, SGD + CyclicLR from
 `engine.build_optimizer`, `engine.forward` under the variant's RuntimeConfig); inputs are random,
-made once on the device; no host synchronisation inside the timed steps. One row per architecture
-and variant, with the ratio to the fp32 eager baseline of the same architecture.
+made once on the device; no host synchronisation inside the timed steps. "+device-augment" variants
+start each step from a uint8 batch in host memory instead and warp it on the device first, as a
+trial with `runtime.augment: device` does. One row per architecture and variant, with the ratio to
+the fp32 eager baseline of the same architecture.
 
 Trajectory mode: the real trial (`trainables.trial.run_trial`) trained twice from the same seed on
 the synthetic set, fp32 eager against the fast variant; validation mIoU per epoch side by side.
+With `--seeds`, both once per seed, compared by their means against fp32's seed-to-seed spread:
+the fair test for a change that draws different random numbers (device augmentation).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import dataclasses
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -31,6 +37,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from trainables.bench_infer import cpu_name  # noqa: E402
@@ -43,6 +50,8 @@ from trainables.config import (  # noqa: E402
     RuntimeConfig,
     TrialConfig,
 )
+from trainables.data import warp  # noqa: E402
+from trainables.data.dataset import WarpBatch  # noqa: E402
 from trainables.engine import (  # noqa: E402
     build_loss,
     build_optimizer,
@@ -58,6 +67,7 @@ class Variant:
     amp: bool  # bfloat16 autocast of the forward pass (logits and loss in float32)
     channels_last: bool  # model and inputs in NHWC
     compile: str = "off"  # torch.compile mode of the model (runtime.compile)
+    augment: str = "cpu"  # "device": each step warps a uint8 batch on the device first
 
 
 VARIANTS: dict[str, Variant] = {
@@ -70,6 +80,11 @@ VARIANTS: dict[str, Variant] = {
     "channels_last+cudagraphs": Variant(amp=False, channels_last=True, compile="reduce-overhead"),
     "bf16+channels_last+cudagraphs": Variant(
         amp=True, channels_last=True, compile="reduce-overhead"
+    ),
+    "fp32+device-augment": Variant(amp=False, channels_last=False, augment="device"),
+    # The GPU default (runtime "auto"): what a trial on a GPU runs.
+    "bf16+channels_last+cudagraphs+device-augment": Variant(
+        amp=True, channels_last=True, compile="reduce-overhead", augment="device"
     ),
 }
 BASELINE = "fp32"
@@ -152,15 +167,22 @@ def measure(
         device=device.type, amp=variant.amp, channels_last=variant.channels_last, progress=False
     )
     images, targets = batch
+    raw = warp_batch_input(args) if variant.augment == "device" else None
+
+    def step() -> torch.Tensor:
+        if raw is None:
+            return train_step(model, images, targets, parts, runtime)
+        return train_step(model, *raw.warp(device), parts, runtime)  # uint8 copied each step
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for _ in range(args.warmup):
-        train_step(model, images, targets, parts, runtime)
+        step()
     synchronize(device)
     t1 = time.perf_counter()
     for _ in range(args.steps):
-        loss = train_step(model, images, targets, parts, runtime)
+        loss = step()
     synchronize(device)
     elapsed = time.perf_counter() - t1
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
@@ -193,6 +215,20 @@ def random_batch(
         0, args.classes, (args.batch, args.size, args.size), generator=gen, device=device
     )  # (N, H, W)
     return images, targets
+
+
+def warp_batch_input(args: argparse.Namespace) -> WarpBatch:
+    """A random uint8 batch with augmentation matrices, as a `WarpDataset` loader yields it
+    (pinned on a GPU machine, as the trial's loader pins it)."""
+    rng = np.random.default_rng(0)
+    n, size = args.batch, args.size
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    masks = rng.integers(0, args.classes, (n, size, size), dtype=np.uint8)
+    theta = np.stack([warp.sample_transform(rng, size, size, size) for _ in range(n)])
+    tensors = [torch.from_numpy(a) for a in (images, masks, theta)]
+    if torch.cuda.is_available():
+        tensors = [t.pin_memory() for t in tensors]
+    return WarpBatch(*tensors, size)
 
 
 def format_row(result: dict[str, Any], base: dict[str, Any] | None) -> str:
@@ -243,7 +279,7 @@ def run_throughput(args: argparse.Namespace, device: torch.device) -> dict[str, 
 
 
 def trajectory_config(
-    arch: str, name: str, args: argparse.Namespace, device: torch.device, root: Path
+    arch: str, name: str, args: argparse.Namespace, device: torch.device, root: Path, seed: int = 0
 ) -> TrialConfig:
     """The demo's from-scratch settings on the synthetic set at `args.size`, train stage only."""
     variant = VARIANTS[name]
@@ -254,6 +290,7 @@ def trajectory_config(
         "progress": False,
     }
     runtime["compile"] = variant.compile
+    runtime["augment"] = variant.augment
     if "latency_repeats" in {f.name for f in dataclasses.fields(RuntimeConfig)}:
         runtime["latency_repeats"] = 0  # the trial's CPU latency of the final model: not needed
     if args.threads:
@@ -261,7 +298,7 @@ def trajectory_config(
     synthetic = {"train": args.train_images, "test": args.test_images, "size": args.size}
     return TrialConfig.from_dict(
         {
-            "seed": 0,
+            "seed": seed,
             "data": {
                 "dataset": "synthetic",
                 "root": str(root),
@@ -279,19 +316,71 @@ def trajectory_config(
 
 
 def train_runs(args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, Any]]:
-    """Label -> {records, final}: the fp32 run, the fast run and, optionally, an fp32 rerun."""
+    """Label -> {records, final}: the fp32 run, the fast run and, optionally, an fp32 rerun
+    (`--noise-seed`: with another trial seed, i.e. other initial weights, split and draws)."""
     arch = args.archs[0]
-    labels = [BASELINE, args.fast_variant] + (["fp32 rerun"] if args.noise_floor else [])
+    runs_to_do = [(BASELINE, BASELINE, 0), (args.fast_variant, args.fast_variant, 0)]
+    if args.noise_floor:
+        label = f"fp32 seed {args.noise_seed}" if args.noise_seed else "fp32 rerun"
+        runs_to_do.append((label, BASELINE, args.noise_seed))
     runs = {}
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         root = Path(tmp) / "synthetic"  # generated once, shared by every run
-        for i, label in enumerate(labels):
-            name = BASELINE if label == "fp32 rerun" else label
-            cfg = trajectory_config(arch, name, args, device, root)
+        for i, (label, name, seed) in enumerate(runs_to_do):
+            cfg = trajectory_config(arch, name, args, device, root, seed)
             out = Path(tmp) / f"run{i}"
             final = run_trial(cfg, out)
             runs[label] = {"records": read_jsonl(out / "metrics.jsonl"), "final": final}
     return runs
+
+
+def seed_runs(args: argparse.Namespace, device: torch.device) -> dict[str, list[dict[str, Any]]]:
+    """Variant -> one {records, final} per seed in `args.seeds`: fp32 and the fast variant."""
+    arch = args.archs[0]
+    runs: dict[str, list[dict[str, Any]]] = {BASELINE: [], args.fast_variant: []}
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        root = Path(tmp) / "synthetic"
+        for seed in args.seeds:
+            for name in runs:
+                out = Path(tmp) / f"{name}-{seed}"
+                final = run_trial(trajectory_config(arch, name, args, device, root, seed), out)
+                runs[name].append({"records": read_jsonl(out / "metrics.jsonl"), "final": final})
+    return runs
+
+
+def print_seed_summary(runs: dict[str, list[dict[str, Any]]], fast: str) -> None:
+    """Per epoch: each variant's mean val mIoU over seeds [min, max], and the gap of the means
+    against the seed-to-seed spread of fp32 (the noise a change of random draws has to beat)."""
+
+    def per_epoch(name: str) -> list[list[float]]:  # [epoch][seed]
+        return [
+            list(v)
+            for v in zip(
+                *([r["val_miou"] for r in run["records"]] for run in runs[name]), strict=True
+            )
+        ]
+
+    base, other = per_epoch(BASELINE), per_epoch(fast)
+    print(f"| epoch | fp32 val mIoU mean [min, max] | {fast} mean [min, max] | gap of means |")
+    print("| --- | --- | --- | --- |")
+    for epoch, (a, b) in enumerate(zip(base, other, strict=True), start=1):
+        gap = abs(statistics.mean(b) - statistics.mean(a))
+        print(
+            f"| {epoch} | {statistics.mean(a):.4f} [{min(a):.4f}, {max(a):.4f}] "
+            f"| {statistics.mean(b):.4f} [{min(b):.4f}, {max(b):.4f}] | {gap:.4f} |"
+        )
+    gaps = [abs(statistics.mean(b) - statistics.mean(a)) for a, b in zip(base, other, strict=True)]
+    spread = max(max(a) - min(a) for a in base)
+    print(f"max gap of the means, {fast} vs fp32: {max(gaps):.4f}")
+    print(f"max seed-to-seed spread of fp32 (noise): {spread:.4f}")
+    for name in runs:
+        tests = [run["final"]["dense"]["test_miou"] for run in runs[name]]
+        finals = [run["records"][-1]["val_miou"] for run in runs[name]]
+        print(
+            f"{name}: final val mIoU {statistics.mean(finals):.4f} +- {statistics.pstdev(finals):.4f}, "
+            f"test mIoU {statistics.mean(tests):.4f} +- {statistics.pstdev(tests):.4f} "
+            f"({len(tests)} seeds)"
+        )
 
 
 def max_diff(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> float:
@@ -312,9 +401,9 @@ def print_trajectory(runs: dict[str, dict[str, Any]], fast: str) -> None:
         diff = abs(runs[fast]["records"][i]["val_miou"] - rec["val_miou"])
         print(f"| {rec['epoch']} | {mious} | {diff:.4f} | {secs} |")
     print(f"max |diff| of val mIoU, {fast} vs fp32: {max_diff(base, runs[fast]['records']):.4f}")
-    if "fp32 rerun" in runs:
-        floor = max_diff(base, runs["fp32 rerun"]["records"])
-        print(f"max |diff| of val mIoU, fp32 vs fp32 rerun (noise floor): {floor:.4f}")
+    for label in labels[2:]:
+        floor = max_diff(base, runs[label]["records"])
+        print(f"max |diff| of val mIoU, fp32 vs {label} (noise floor): {floor:.4f}")
     tests = ", ".join(f"{k} {v['final']['dense']['test_miou']:.4f}" for k, v in runs.items())
     print(f"test mIoU after training: {tests}")
     if len(base) > 1:  # epoch 1 carries start-up (cuDNN autotuning, compilation)
@@ -333,6 +422,10 @@ def run_trajectory(args: argparse.Namespace, device: torch.device) -> dict[str, 
         f"train (80/20 train/val) + {args.test_images} test images, "
         f"loss {TRAJECTORY_LOSS}, optim {TRAJECTORY_OPTIM}, {args.workers} loader worker(s)"
     )
+    if len(args.seeds) > 1:
+        seeds = seed_runs(args, device)
+        print_seed_summary(seeds, args.fast_variant)
+        return {"environment": env, "seeds": args.seeds, "trajectory": seeds}
     runs = train_runs(args, device)
     print_trajectory(runs, args.fast_variant)
     return {"environment": env, "trajectory": runs}
@@ -376,8 +469,16 @@ def parse_args() -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     parser.add_argument("--test-images", type=int, default=12, help="trajectory: synthetic test")
     parser.add_argument("--workers", type=int, default=0, help="trajectory: data.num_workers")
     parser.add_argument("--noise-floor", action="store_true", help="trajectory: rerun fp32 too")
+    parser.add_argument("--noise-seed", type=int, default=0, help="trajectory: the rerun's seed")
+    parser.add_argument(
+        "--seeds",
+        default="0",
+        help="trajectory: comma list; 2 or more: fp32 and the fast variant "
+        "per seed, compared by their means against fp32's seed-to-seed spread",
+    )
     args = parser.parse_args()
     args.archs = [a for a in args.archs.split(",") if a]
+    args.seeds = [int(x) for x in args.seeds.split(",") if x]
     bad = [a for a in args.archs if a not in ARCHS]
     if bad or not args.archs:
         parser.error(f"--archs: unknown '{bad[0] if bad else ''}'; valid: {', '.join(ARCHS)}")

@@ -48,6 +48,8 @@ def test_variants_measured_from_the_same_start(bench_train: ModuleType) -> None:
     assert fast["last_loss"] == pytest.approx(fp32["last_loss"], abs=0.02)  # same seed, same data
     row = bench_train.format_row(fast, fp32)
     assert row.startswith("| fpn | bf16+channels_last |") and row.count("|") == 9
+    warped = bench_train.measure("fpn", "fp32+device-augment", batch, args, device)
+    assert warped["images_per_s"] > 0 and math.isfinite(warped["last_loss"])
 
 
 def test_variant_list_puts_the_baseline_first(
@@ -82,19 +84,35 @@ def test_trajectory_config_is_a_valid_train_only_trial(
     assert cfg.model.encoder_weights is None and cfg.data.crop_size == 32
 
 
+@pytest.mark.parametrize("augment", ["cpu", "device"])
 def test_loader_augmentations_do_not_depend_on_workers(
-    bench_loader: ModuleType, tmp_path: Path
+    bench_loader: ModuleType, tmp_path: Path, augment: str
 ) -> None:
     args = argparse.Namespace(
         images=10, size=64, batch=4, batches=0, check_batches=1, check_workers=2
     )
     cfg = bench_loader.data_config(args, tmp_path / "synthetic")
-    check = bench_loader.check_augmentations(cfg, args)
+    check = bench_loader.check_augmentations(cfg, args, augment)
     assert check["images"] == 4
     assert check["identical_across_worker_counts"] is True
     assert check["identical_across_epochs"] < check["images"]
     shares = check["shares"]
     assert shares["images"] == 8 and shares["untouched"] + shares["flipped_only"] <= 8
-    loader = bench_loader.make_loader(bench_loader.train_set(cfg), 4, train=True, seed=0)
+    loader = bench_loader.make_loader(bench_loader.train_set(cfg, augment), 4, train=True, seed=0)
     seconds, seen = bench_loader.epoch_pass(loader, 1, args)
     assert seen == 8 and seconds > 0  # 8 train images, batches of 4, last batch dropped
+
+
+def test_pruning_overhead_times_both_steps_alternately() -> None:
+    bench_pruning = load("bench_pruning")
+    args = argparse.Namespace(
+        encoder="tu-test_resnet", size=32, batch=2, warmup=1, repeats=2, device=torch.device("cpu")
+    )
+    times = bench_pruning.step_times("linknet", args)
+    assert times["dense"] > 0 and times["masked"] > 0 and 0 < times["hooks"] < times["masked"]
+    extra = times["accumulator_bytes"]
+    stepper = bench_pruning.Stepper("linknet", args, pruned=True)
+    params = stepper.pruner.masks.params.values()
+    assert extra == 4 * sum(p.numel() for p in params)  # a float32 accumulator per prunable weight
+    pruned = sum(int((~m).sum()) for m in stepper.pruner.masks.masks.values())
+    assert pruned == sum(round(0.5 * p.numel()) for p in params)  # 50 %, layer by layer

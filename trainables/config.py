@@ -17,6 +17,7 @@ GRANULARITIES = ("element", "channel")
 SCOPES = ("layer", "global")
 DEVICES = ("auto", "cpu", "cuda")
 COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
+AUGMENT_PLACES = ("auto", "cpu", "device")
 SSCS_VARIANTS = ("512x512", "original")
 NUM_CLASSES = {"sscs": 4, "nea": 3}
 
@@ -45,7 +46,9 @@ class DataConfig:
     nea_block_size: int = 10  # NEA frames are split into contiguous blocks of this many
     nea_test_fraction: float = 0.2
     num_workers: int = 0
-    cache: bool = True  # keep decoded images in memory
+    # Decode (and resize) each image once per machine into $CORROPRUNE_CACHE/decoded, memory-mapped
+    # by every loader worker and trial; false: decode on every access.
+    cache: bool = True
     synthetic: SynthConfig = field(default_factory=SynthConfig)
 
     @property
@@ -119,6 +122,9 @@ class RuntimeConfig:
     amp: bool | None = None  # bfloat16 autocast for the forward passes (no loss scaling needed)
     channels_last: bool | None = None  # NHWC memory format for model and inputs
     compile: str = "auto"  # torch.compile of the training forward: mode, "off" or "auto"
+    # Where training images are augmented: "cpu" (albumentations in the loader workers), "device"
+    # (uint8 batches, one affine warp per image on the training device), or "auto".
+    augment: str = "auto"
     latency_repeats: int = 5  # final model's CPU latency runs recorded in final.json (0: skip)
 
     def resolve(self, device: str) -> RuntimeConfig:
@@ -131,6 +137,7 @@ class RuntimeConfig:
             compile=("reduce-overhead" if gpu else "off")
             if self.compile == "auto"
             else self.compile,
+            augment=("device" if gpu else "cpu") if self.augment == "auto" else self.augment,
         )
 
 
@@ -264,6 +271,7 @@ def validate(cfg: TrialConfig) -> None:
     _choice("pruning.scope", p.scope, SCOPES)
     _choice("runtime.device", cfg.runtime.device, DEVICES)
     _choice("runtime.compile", cfg.runtime.compile, COMPILE_MODES)
+    _choice("runtime.augment", cfg.runtime.augment, AUGMENT_PLACES)
     if d.dataset == "synthetic":
         syn = d.synthetic
         _check(syn.classes in (3, 4), "data.synthetic.classes", syn.classes, "3 or 4")

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from trainables.config import LossConfig, OptimConfig, RuntimeConfig
-from trainables.data.dataset import IGNORE_INDEX, EpochSampler
+from trainables.data.dataset import IGNORE_INDEX, EpochSampler, WarpBatch, WarpCollate, WarpDataset
 from trainables.errors import UserError
 from trainables.metrics import ConfusionMeter
 
@@ -100,19 +100,32 @@ def make_loader(
     dataset: Dataset, batch_size: int, *, train: bool, num_workers: int = 0, seed: int = 0
 ) -> DataLoader:
     """Training loaders shuffle with `EpochSampler(seed)`: call `loader.sampler.set_epoch(e)`
-    before each epoch. Workers persist across epochs, keeping their decoded-image caches (torch
-    gives each worker one thread; OpenCV's pool is left alone: resizing it in a forked worker
-    deadlocks)."""
+    before each epoch. Workers persist across epochs, keeping their maps of the decoded images
+    (torch gives each worker one thread; OpenCV's pool is left alone: resizing it in a forked
+    worker deadlocks). A `WarpDataset` gives `WarpBatch`es: pass them through `to_device`."""
+    warped = isinstance(dataset, WarpDataset)
+    pin = torch.cuda.is_available()
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=EpochSampler(len(dataset), seed) if train else None,
         drop_last=train and len(dataset) > batch_size,  # a batch of 1 breaks BatchNorm
         num_workers=num_workers,
-        collate_fn=pad_collate,
+        collate_fn=WarpCollate(dataset.crop, pin) if warped else pad_collate,
         persistent_workers=num_workers > 0,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=pin,
     )
+
+
+def to_device(
+    batch: WarpBatch | tuple[torch.Tensor, torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (N, 3, H, W) float32, masks (N, H, W) int64) on `device`; a `WarpBatch` is
+    augmented there."""
+    if isinstance(batch, WarpBatch):
+        return batch.warp(device)
+    images, masks = batch
+    return images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
 
 
 @dataclass
@@ -157,8 +170,8 @@ def train_one_epoch(
     model.train()
     total = torch.zeros((), device=device)
     seen = 0
-    for images, masks in _progress(loader, desc, runtime):
-        images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+    for batch in _progress(loader, desc, runtime):
+        images, masks = to_device(batch, device)
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(forward(model, images, runtime), masks)  # masks (N, H, W)
         loss.backward()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import platform
 import socket
@@ -89,7 +90,7 @@ class Trial:
         self.device = engine.resolve_device(cfg.runtime.device)
         self.runtime = cfg.runtime.resolve(self.device.type)
         engine.seed_everything(cfg.seed)
-        self.data = build_datasets(cfg.data, cfg.seed)
+        self.data = build_datasets(cfg.data, cfg.seed, self.runtime.augment)
         self.num_classes = cfg.data.classes
         self.model = build_model(cfg.model, self.num_classes).to(self.device)
         if self.runtime.channels_last:
@@ -388,6 +389,7 @@ def environment(cfg: TrialConfig, meta: dict[str, Any] | None) -> dict[str, Any]
         "versions": versions,
         "hostname": socket.gethostname(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "runtime": dataclasses.asdict(cfg.runtime.resolve(device.type)),  # "auto" decided
         "torch_threads": torch.get_num_threads(),
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         **(meta or {}),

@@ -196,3 +196,23 @@ def test_compile_switch_compiles_the_training_forward_only(tmp_path, monkeypatch
     config["runtime"]["compile"] = "auto"  # on a CPU: off
     run_trial(TrialConfig.from_dict(config), tmp_path / "auto")
     assert compiled == ["reduce-overhead"]
+
+
+def test_device_augmentation_trains_and_resumes_exactly(tmp_path) -> None:
+    """runtime.augment=device: uint8 batches warped in the step; a crashed run resumes to the
+    same numbers, and the records differ from loader-side augmentation (other draws)."""
+    config = tiny_config(stages={"train_epochs": 3, "prune_epochs": 0, "finetune_epochs": 0})
+    config["runtime"]["augment"] = "device"
+    cfg = TrialConfig.from_dict(config)
+    straight = run_trial(cfg, tmp_path / "straight")
+    with pytest.raises(Crash):
+        run_trial(cfg, tmp_path / "crashed", reporter=_crash_after(2))
+    run_trial(cfg, tmp_path / "crashed")
+    a = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+    b = read_jsonl(tmp_path / "crashed" / "metrics.jsonl")
+    assert [r["train_loss"] for r in a] == pytest.approx([r["train_loss"] for r in b], rel=1e-5)
+    config["runtime"]["augment"] = "auto"  # on a CPU: in the loader; env.json says so
+    cpu = run_trial(TrialConfig.from_dict(config), tmp_path / "cpu")
+    env = json.loads((tmp_path / "cpu" / "env.json").read_text())
+    assert env["runtime"]["augment"] == "cpu" and env["runtime"]["compile"] == "off"
+    assert cpu["dense"]["test_miou"] != straight["dense"]["test_miou"]

@@ -11,7 +11,12 @@ from pathlib import Path
 import numpy as np
 
 from trainables.config import DataConfig
-from trainables.data.dataset import SegmentationDataset, eval_transform, train_transform
+from trainables.data.dataset import (
+    SegmentationDataset,
+    WarpDataset,
+    eval_transform,
+    train_transform,
+)
 from trainables.data.formats import (
     CLASS_NAMES,
     Item,
@@ -35,6 +40,11 @@ class Datasets:
 
 def cache_root() -> Path:
     return Path(os.environ.get("CORROPRUNE_CACHE", Path.home() / ".cache" / "corroprune"))
+
+
+def decoded_root() -> Path:
+    """Where decoded, resized images are kept (`data.cache`; see `cache.py`)."""
+    return cache_root() / "decoded"
 
 
 def synthetic_root(cfg: DataConfig) -> Path:
@@ -94,8 +104,12 @@ def train_val_split(items: list[Item], fraction: float, seed: int) -> tuple[list
     ]
 
 
-def build_datasets(cfg: DataConfig, seed: int) -> Datasets:
-    """Train (augmented) / val / test datasets; the test split is never touched by the split."""
+def build_datasets(cfg: DataConfig, seed: int, augment: str = "cpu") -> Datasets:
+    """Train (augmented) / val / test datasets; the test split is never touched by the split.
+
+    `augment`: "cpu" augments the training set in the loader (albumentations); "device" yields
+    uint8 `WarpDataset` items for `WarpBatch.warp` on the training device.
+    """
     train_items, test_items = split_items(cfg, "train"), split_items(cfg, "test")
     if not train_items:
         raise UserError(
@@ -106,9 +120,14 @@ def build_datasets(cfg: DataConfig, seed: int) -> Datasets:
     train, val = train_val_split(train_items, cfg.val_fraction, seed)
     n = cfg.classes
     root = synthetic_root(cfg) if cfg.dataset == "synthetic" else Path(cfg.root)
+    shared = {"seed": seed, "cache": decoded_root() if cfg.cache else None, "resize": cfg.resize}
+    if augment == "device":
+        train_set: SegmentationDataset = WarpDataset(train, n, crop=cfg.crop_size, **shared)
+    else:
+        train_set = SegmentationDataset(train, train_transform(cfg), n, **shared)
     return Datasets(
-        train=SegmentationDataset(train, train_transform(cfg), n, seed=seed, cache=cfg.cache),
-        val=SegmentationDataset(val, eval_transform(cfg), n, seed=seed, cache=cfg.cache),
-        test=SegmentationDataset(test_items, eval_transform(cfg), n, seed=seed, cache=cfg.cache),
+        train=train_set,
+        val=SegmentationDataset(val, eval_transform(cfg), n, **shared),
+        test=SegmentationDataset(test_items, eval_transform(cfg), n, **shared),
         class_names=class_names(root if cfg.dataset == "folder" else None, n),
     )

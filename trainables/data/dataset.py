@@ -1,53 +1,50 @@
-"""Augmentations and the torch Dataset: aligned masks, ImageNet normalisation, ignored padding."""
+"""Augmentations and the torch Datasets: aligned masks, ImageNet normalisation, ignored padding.
+
+Images come decoded and resized (`data.resize`) from the disk cache (`cache.py`). Training
+augmentation runs either here, per image in the DataLoader workers (`SegmentationDataset` with
+`train_transform`, albumentations), or on the training device (`WarpDataset`: uint8 images plus
+one matrix each, warped a batch at a time by `warp.warp_batch`); `runtime.augment` chooses.
+"""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple
 
 import albumentations as A
 import cv2
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from trainables.config import DataConfig
-from trainables.data.formats import Item, load_item
-
-IGNORE_INDEX = 255
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _resize(cfg: DataConfig) -> list[A.BasicTransform]:
-    if cfg.resize is None:
-        return []
-    return [
-        A.LongestMaxSize(
-            max_size=cfg.resize, interpolation=cv2.INTER_AREA, mask_interpolation=cv2.INTER_NEAREST
-        )
-    ]
+from trainables.data import warp
+from trainables.data.cache import cached, decode
+from trainables.data.formats import Item
+from trainables.data.warp import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 
 
 def train_transform(cfg: DataConfig) -> A.Compose:
-    """Affine (scale, rotation, shift), flips, 90-degree turns, random crop; masks nearest."""
+    """Affine (scale, rotation, shift), flips, 90-degree turns, random crop; masks nearest.
+    The parameters are `warp`'s, so both places of augmentation draw from one distribution."""
     size = cfg.crop_size
     return A.Compose(
         [
-            *_resize(cfg),
             A.Affine(
-                scale=(0.75, 1.25),
-                rotate=(-30, 30),
-                translate_percent=(-0.1, 0.1),
+                scale=warp.SCALE,
+                rotate=warp.ROTATE,
+                translate_percent=warp.TRANSLATE,
                 border_mode=cv2.BORDER_CONSTANT,
                 fill=0,
                 fill_mask=IGNORE_INDEX,
-                p=0.8,
+                p=warp.AFFINE_P,
             ),
-            A.HorizontalFlip(p=0.5),
-            A.VerticalFlip(p=0.5),
-            A.RandomRotate90(p=0.5),
+            A.HorizontalFlip(p=warp.FLIP_P),
+            A.VerticalFlip(p=warp.FLIP_P),
+            A.RandomRotate90(p=warp.ROT90_P),
             A.PadIfNeeded(
                 min_height=size,
                 min_width=size,
@@ -67,7 +64,6 @@ def eval_transform(cfg: DataConfig) -> A.Compose:
     """Whole image, padded at the bottom/right to a multiple of 32 (padding ignored)."""
     return A.Compose(
         [
-            *_resize(cfg),
             A.PadIfNeeded(
                 min_height=None,
                 min_width=None,
@@ -91,23 +87,30 @@ def epoch_seed(seed: int, global_epoch: int) -> int:
 
 
 class SegmentationDataset(Dataset):
-    """Items -> (image (3, H, W) float, mask (H, W) long); augmentation seeded per (epoch, index)."""
+    """Items -> (image (3, H, W) float, mask (H, W) long); augmentation seeded per (epoch, index).
+
+    `cache`: the decoded-image folder (`cache.py`), or None to decode on every access.
+    `resize`: the longer side, applied once at decoding (`data.resize`).
+    """
 
     def __init__(
         self,
         items: list[Item],
-        transform: A.Compose,
+        transform: A.Compose | None,
         num_classes: int,
         *,
         seed: int = 0,
-        cache: bool = True,
+        cache: Path | None = None,
+        resize: int | None = None,
     ) -> None:
         self.items = items
         self.transform = transform
         self.num_classes = num_classes
         self.seed = seed
         self.epoch = 0
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache else None
+        self.cache_dir = cache
+        self.resize = resize
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # memory maps, per process
 
     def __len__(self) -> int:
         return len(self.items)
@@ -116,24 +119,106 @@ class SegmentationDataset(Dataset):
         self.epoch = epoch
 
     def raw(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._cache is not None and index in self._cache:
+        """(image (H, W, 3) uint8, mask (H, W) uint8), decoded and resized (read-only when
+        memory-mapped from the cache)."""
+        if index in self._cache:
             return self._cache[index]
-        pair = load_item(self.items[index], self.num_classes)
-        if self._cache is not None:
-            self._cache[index] = pair
+        item = self.items[index]
+        if self.cache_dir is None:
+            return decode(item, self.num_classes, self.resize)
+        pair = cached(item, self.num_classes, self.resize, self.cache_dir)
+        self._cache[index] = pair
         return pair
+
+    def item_seed(self, epoch: int, index: int) -> int:
+        return (self.seed * 1_000_003 + epoch * 100_003 + index) % 2**32
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """`index`, or `(epoch, index)` from `EpochSampler` (persistent workers never see
         `set_epoch`, so the epoch travels with the index)."""
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         image, mask = self.raw(index)
-        seed = (self.seed * 1_000_003 + epoch * 100_003 + index) % 2**32
+        seed = self.item_seed(epoch, index)
         # One generator shared by the whole pipeline, drawn in order: `set_random_seed` would
         # give every transform the same seed, so all of them would fire (or not) together.
         self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
         out = self.transform(image=image, mask=mask)
         return out["image"], out["mask"].long()
+
+
+class WarpDataset(SegmentationDataset):
+    """Training items for augmentation on the device: arrays (image (H, W, 3) uint8, mask (H, W)
+    uint8, theta (2, 3) float32), theta from `warp.sample_transform` seeded per (epoch, index) as in
+    `SegmentationDataset`. Batch with `WarpCollate`, then `WarpBatch.warp` on the device."""
+
+    def __init__(self, items: list[Item], num_classes: int, *, crop: int, **kwargs: object) -> None:
+        super().__init__(items, None, num_classes, **kwargs)  # type: ignore[arg-type]
+        self.crop = crop
+
+    def __getitem__(  # type: ignore[override]
+        self, key: int | tuple[int, int]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        image, mask = self.raw(index)  # possibly read-only maps: `WarpCollate` copies them once
+        rng = np.random.default_rng(self.item_seed(epoch, index))
+        theta = warp.sample_transform(rng, image.shape[0], image.shape[1], self.crop)
+        return image, mask, theta
+
+
+class WarpBatch(NamedTuple):
+    """A training batch before augmentation: canvases padded at the bottom/right (images with 0,
+    masks with IGNORE_INDEX), one output -> source matrix each, and the crop size."""
+
+    images: torch.Tensor  # (N, H, W, 3) uint8
+    masks: torch.Tensor  # (N, H, W) uint8
+    theta: torch.Tensor  # (N, 2, 3) float32
+    size: int
+
+    def warp(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augmented, normalised (N, 3, size, size) float32 images and (N, size, size) int64
+        masks on `device`."""
+        return warp.warp_batch(
+            self.images.to(device, non_blocking=True),
+            self.masks.to(device, non_blocking=True),
+            self.theta.to(device, non_blocking=True),
+            self.size,
+        )
+
+
+def _fill(canvas: np.ndarray, i: int, array: np.ndarray, pad: int) -> None:
+    """canvas[i] = array at the top left, `pad` elsewhere (written once: no zeroing pass)."""
+    h, w = array.shape[:2]
+    canvas[i, :h, :w] = array
+    canvas[i, h:] = pad
+    canvas[i, :h, w:] = pad
+
+
+def _canvas(shape: tuple[int, ...], pin: bool) -> torch.Tensor:
+    """An uninitialised uint8 tensor, page-locked if `pin` in the main process (the copy to the
+    GPU is then asynchronous, and the loader's `pin_memory` finds nothing left to do). In a
+    loader worker torch moves it to shared memory on the way to the main process; building it
+    there directly measured no faster."""
+    return torch.empty(shape, dtype=torch.uint8, pin_memory=pin and get_worker_info() is None)
+
+
+class WarpCollate:
+    """`collate_fn` for `WarpDataset`: copies each (memory-mapped) image once, into a canvas of
+    the largest size in the batch (page-locked with `pin`, for a CUDA device)."""
+
+    def __init__(self, crop: int, pin: bool = False) -> None:
+        self.crop, self.pin = crop, pin
+
+    def __call__(self, batch: Sequence[tuple[np.ndarray, ...]]) -> WarpBatch:
+        n = len(batch)
+        h = max(image.shape[0] for image, _, _ in batch)
+        w = max(image.shape[1] for image, _, _ in batch)
+        images, masks = _canvas((n, h, w, 3), self.pin), _canvas((n, h, w), self.pin)
+        image_canvas, mask_canvas = images.numpy(), masks.numpy()
+        for i, (image, mask, _) in enumerate(batch):
+            _fill(image_canvas, i, image, 0)
+            _fill(mask_canvas, i, mask, IGNORE_INDEX)
+        theta = torch.from_numpy(np.stack([t for _, _, t in batch]))
+        return WarpBatch(images, masks, theta, self.crop)
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
