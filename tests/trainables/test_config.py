@@ -94,3 +94,8 @@ def test_runtime_auto_switches_resolve_per_device() -> None:
     assert (fixed.resolve("cuda").amp, fixed.resolve("cuda").compile) == (False, "default")
     with pytest.raises(UserError, match="runtime.compile"):
         TrialConfig.from_dict({"runtime": {"compile": "fast"}})
+    assert (gpu.augment, cpu.augment) == ("device", "cpu")
+    fixed = TrialConfig.from_dict({"runtime": {"augment": "device"}}).runtime
+    assert fixed.resolve("cpu").augment == "device"
+    with pytest.raises(UserError, match="runtime.augment.*auto, cpu, device"):
+        TrialConfig.from_dict({"runtime": {"augment": "gpu"}})
