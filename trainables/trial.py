@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -403,6 +404,10 @@ def _check_same_config(out: Path, cfg: TrialConfig) -> None:
     if not path.exists():
         return
     existing = yaml.safe_load(path.read_text())
+    # Written by an older version: keys added since then take their defaults (a key that no
+    # longer exists stays, and makes it a different configuration).
+    with contextlib.suppress(UserError):
+        existing = TrialConfig.from_dict(existing).to_dict()
     if existing != cfg.to_dict():
         raise UserError(
             f"{out} already holds a run with a different configuration ({path}); "

@@ -138,6 +138,25 @@ def test_other_config_in_same_folder_is_refused(tmp_path) -> None:
         run_trial(cfg.replace(seed=5), tmp_path)
 
 
+def test_run_from_an_older_version_resumes(tmp_path) -> None:
+    """A config.yaml without keys added since (here runtime.augment) means their defaults."""
+    import yaml
+
+    cfg = TrialConfig.from_dict(tiny_config(stages={"train_epochs": 2}))
+    with pytest.raises(Crash):
+        run_trial(cfg, tmp_path, reporter=_crash_after(1))
+    older = cfg.to_dict()
+    del older["runtime"]["augment"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))
+    assert run_trial(cfg, tmp_path)["dense"]["test_miou"] >= 0
+    assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 2
+    older["runtime"]["retired_switch"] = True
+    (tmp_path / "final.json").unlink()
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))
+    with pytest.raises(UserError, match="different configuration"):
+        run_trial(cfg, tmp_path)
+
+
 def test_checkpoint_write_is_atomic_and_refuses_pickled_code(tmp_path) -> None:
     path = tmp_path / "c.pt"
     save_checkpoint({"a": torch.ones(2)}, path)
