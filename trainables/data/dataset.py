@@ -9,6 +9,7 @@ one matrix each, warped a batch at a time by `warp.warp_batch`); `runtime.augmen
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -25,6 +26,20 @@ from trainables.data import warp
 from trainables.data.cache import cached, decode
 from trainables.data.formats import Item
 from trainables.data.warp import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+
+
+def map_budget() -> int:
+    """How many items one dataset keeps memory-mapped: two file descriptors each, and a process
+    holds train, val and test datasets, so an eighth of the open-file limit apiece."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):  # no such limit here
+        return 128
+    if soft == resource.RLIM_INFINITY:
+        return 4096
+    return max(16, soft // 8)
 
 
 def train_transform(cfg: DataConfig) -> A.Compose:
@@ -110,7 +125,11 @@ class SegmentationDataset(Dataset):
         self.epoch = 0
         self.cache_dir = cache
         self.resize = resize
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # memory maps, per process
+        # Memory maps of the cached arrays, most recently used last. Each map holds a file
+        # descriptor open, so at most `max_maps` items stay mapped; older ones are mapped again
+        # when next read (about 0.1 ms each).
+        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self.max_maps = map_budget()
 
     def __len__(self) -> int:
         return len(self.items)
@@ -122,12 +141,15 @@ class SegmentationDataset(Dataset):
         """(image (H, W, 3) uint8, mask (H, W) uint8), decoded and resized (read-only when
         memory-mapped from the cache)."""
         if index in self._cache:
+            self._cache.move_to_end(index)
             return self._cache[index]
         item = self.items[index]
         if self.cache_dir is None:
             return decode(item, self.num_classes, self.resize)
         pair = cached(item, self.num_classes, self.resize, self.cache_dir)
         self._cache[index] = pair
+        while len(self._cache) > self.max_maps:
+            self._cache.popitem(last=False)
         return pair
 
     def item_seed(self, epoch: int, index: int) -> int:

@@ -12,6 +12,7 @@ from PIL import Image
 from trainables.config import DataConfig, SynthConfig
 from trainables.data import build_datasets, decoded_root
 from trainables.data.cache import cache_key, cached, decode
+from trainables.data.dataset import SegmentationDataset
 from trainables.data.formats import Item
 
 
@@ -84,3 +85,18 @@ def test_datasets_share_one_cache_and_can_do_without(tmp_path: Path) -> None:
     assert sorted(decoded_root().glob("*.npy")) == files  # nothing decoded twice
     off = build_datasets(dataclasses.replace(cfg, cache=False), 0)
     assert not isinstance(off.train.raw(0)[0], np.memmap)
+
+
+def test_a_dataset_keeps_a_bounded_number_of_maps_open(tmp_path: Path) -> None:
+    """Each map holds a file descriptor: beyond `max_maps` the least recently read item is
+    unmapped, and mapped again when read."""
+    items = [_item(tmp_path, seed=i) for i in range(5)]
+    dataset = SegmentationDataset(items, None, 4, cache=tmp_path / "cache")
+    dataset.max_maps = 2
+    fds = len(os.listdir("/proc/self/fd"))
+    for i in [0, 1, 2, 3, 4, 3, 0]:
+        image, _ = dataset.raw(i)
+        assert np.array_equal(image, decode(items[i], 4, None)[0])
+    del image
+    assert list(dataset._cache) == [3, 0]
+    assert len(os.listdir("/proc/self/fd")) <= fds + 2 * 2

@@ -164,7 +164,7 @@ def test_augmentations_keep_masks_aligned() -> None:
     dataset = SegmentationDataset(
         [Item(Path("x"), Path("y"))], train_transform(DataConfig(crop_size=32)), 4
     )
-    dataset._cache = {0: (palette[index], index)}
+    dataset._cache.update({0: (palette[index], index)})
     for epoch in range(8):
         dataset.set_epoch(epoch)
         image, mask = dataset[0]
@@ -183,7 +183,7 @@ def test_augmentation_is_deterministic_per_epoch_and_index() -> None:
     ds = SegmentationDataset(
         [Item(Path("x"), Path("y"))], train_transform(DataConfig(crop_size=32)), 4, seed=3
     )
-    ds._cache = {0: (image, mask)}
+    ds._cache.update({0: (image, mask)})
     ds.set_epoch(1)
     a = ds[0]
     b = ds[0]
@@ -204,9 +204,9 @@ def test_augmentations_fire_independently() -> None:
         4,
         seed=5,
     )
-    ds._cache = {i: (image, mask) for i in range(200)}
+    ds._cache.update({i: (image, mask) for i in range(200)})
     plain = SegmentationDataset([Item(Path("x"), Path("y"))], eval_transform(DataConfig()), 4)
-    plain._cache = {0: (image, mask)}
+    plain._cache.update({0: (image, mask)})
     ref = plain[0][0]  # (3, 32, 32)
     turns = [torch.rot90(ref, k, (-2, -1)) for k in range(4)]
     dihedral = turns + [t.flip(-1) for t in turns]

@@ -122,7 +122,7 @@ def test_warped_masks_stay_aligned_with_the_image() -> None:
         np.random.default_rng(0).integers(0, 4, (8, 8), dtype=np.uint8), np.ones((8, 8), np.uint8)
     )
     dataset = WarpDataset([Item(Path("x"), Path("y"))], 4, crop=32)
-    dataset._cache = {0: (palette[index], index)}
+    dataset._cache.update({0: (palette[index], index)})
     collate = WarpCollate(32)
     for epoch in range(8):
         images, masks = collate([dataset[(epoch, 0)]]).warp(torch.device("cpu"))
@@ -137,7 +137,7 @@ def test_warped_masks_stay_aligned_with_the_image() -> None:
 def test_warp_dataset_is_deterministic_per_epoch_and_index() -> None:
     image, mask = generate_sample(np.random.default_rng(0), 64, 4)
     dataset = WarpDataset([Item(Path("x"), Path("y"))], 4, crop=32, seed=3)
-    dataset._cache = {0: (image, mask)}
+    dataset._cache.update({0: (image, mask)})
     a, b, c = dataset[(1, 0)][2], dataset[(1, 0)][2], dataset[(2, 0)][2]
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
