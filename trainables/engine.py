@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from trainables.config import LossConfig, OptimConfig, RuntimeConfig
-from trainables.data.dataset import IGNORE_INDEX, EpochSampler, WarpBatch, WarpCollate, WarpDataset
+from trainables.data.dataset import EpochSampler, WarpBatch, WarpCollate, WarpDataset
+from trainables.data.warp import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from trainables.errors import UserError
 from trainables.metrics import ConfusionMeter
 
@@ -226,8 +227,8 @@ def predict_examples(
     preds = torch.cat(
         [model(images[i : i + 1].to(device)).argmax(1).cpu() for i in range(len(items))]
     )
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     rgb = ((images * std + mean).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1)
     preds[masks == IGNORE_INDEX] = IGNORE_INDEX
     return {"image": rgb.numpy(), "gt": masks.byte().numpy(), "pred": preds.byte().numpy()}

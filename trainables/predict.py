@@ -14,11 +14,12 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from trainables.checkpoint import write_json, write_text
+from trainables.data.warp import IMAGENET_MEAN, IMAGENET_STD
 from trainables.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+MEAN = np.array(IMAGENET_MEAN, dtype=np.float32)
+STD = np.array(IMAGENET_STD, dtype=np.float32)
 # Background transparent, then yellow, orange, red by severity (colour-blind safe enough in order).
 PALETTE = np.array(
     [[0, 0, 0], [255, 221, 0], [255, 136, 0], [220, 20, 20], [150, 0, 200]], dtype=np.uint8

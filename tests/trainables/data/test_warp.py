@@ -164,3 +164,17 @@ def test_device_loader_matches_worker_counts_and_the_eval_image(tmp_path: Path) 
     plain = SegmentationDataset(data.train.items[:1], eval_transform(cfg), 4)
     ref_image, ref_mask = plain[0]
     assert torch.allclose(warped[0], ref_image, atol=1e-4) and torch.equal(labels[0], ref_mask)
+
+
+def test_collate_pads_a_mixed_batch_black_and_ignored() -> None:
+    """Canvases start uninitialised: every pixel beside a smaller image must still be written."""
+    (big, big_mask), (small, small_mask) = _image(40, 50, 1), _image(30, 20, 2)
+    identity = np.array([[1, 0, 0], [0, 1, 0]], np.float32)
+    batch = WarpCollate(32)([(big, big_mask, identity), (small, small_mask, identity)])
+    assert batch.images.shape == (2, 40, 50, 3) and batch.masks.shape == (2, 40, 50)
+    assert np.array_equal(batch.images[1, :30, :20].numpy(), small)
+    assert np.array_equal(batch.masks[1, :30, :20].numpy(), small_mask)
+    assert (batch.images[1, 30:] == 0).all() and (batch.images[1, :30, 20:] == 0).all()
+    assert (batch.masks[1, 30:] == IGNORE_INDEX).all()
+    assert (batch.masks[1, :30, 20:] == IGNORE_INDEX).all()
+    assert np.array_equal(batch.images[0].numpy(), big)
