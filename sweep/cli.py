@@ -41,7 +41,12 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
         p = dsub.add_parser(name, help=text)
         p.add_argument("root", type=Path)
         p.add_argument("--format", choices=FORMATS, required=True)
-        p.add_argument("--sscs-variant", choices=("512x512", "original"), default="512x512")
+        p.add_argument(
+            "--sscs-variant",
+            choices=("auto", "512x512", "original"),
+            default="auto",
+            help="SSCS folder set to read; auto: the one present (512x512 when both are)",
+        )
         p.add_argument("--num-classes", type=int, default=None)
         p.set_defaults(func=func)
 
@@ -64,10 +69,13 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from trainables.data.check import check_dataset
+    from trainables.data.check import check_dataset, resolve_sscs_variant
 
+    variant = resolve_sscs_variant(args.root, args.sscs_variant)
+    if args.format == "sscs" and args.sscs_variant == "auto" and args.root.is_dir():
+        print(f"SSCS variant {variant} (detected; --sscs-variant chooses)")
     problems = check_dataset(
-        args.root, args.format, sscs_variant=args.sscs_variant, num_classes=args.num_classes
+        args.root, args.format, sscs_variant=variant, num_classes=args.num_classes
     )
     for problem in problems:
         print(f"{problem.path}: {problem.reason}")
@@ -79,10 +87,13 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_data_stats(args: argparse.Namespace) -> int:
-    from trainables.data.check import class_distribution
+    from trainables.data.check import class_distribution, resolve_sscs_variant
 
+    variant = resolve_sscs_variant(args.root, args.sscs_variant)
+    if args.format == "sscs" and args.sscs_variant == "auto" and args.root.is_dir():
+        print(f"SSCS variant {variant} (detected; --sscs-variant chooses)")
     table = class_distribution(
-        args.root, args.format, sscs_variant=args.sscs_variant, num_classes=args.num_classes
+        args.root, args.format, sscs_variant=variant, num_classes=args.num_classes
     )
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     return 0

@@ -101,8 +101,20 @@ def _trial_config(
         data["root"] = roots[dataset]
     elif dataset != "synthetic":
         raise UserError(f"dataset '{dataset}' needs a data root: --data-root {dataset}=/path")
-    config = merge(template, {"data": data, **sections})
-    return TrialConfig.from_dict(config).to_dict()
+    config = TrialConfig.from_dict(merge(template, {"data": data, **sections}))
+    return absolute_paths(config).to_dict()
+
+
+def absolute_paths(cfg: TrialConfig) -> TrialConfig:
+    """Paths in a trial config made absolute against the driver's working directory: Ray runs
+    each trial in a folder of its own choosing, where a relative path means something else."""
+    weights = cfg.model.encoder_weights
+    changes: dict[str, Any] = {}
+    if weights is not None and weights != "imagenet":
+        changes["model"] = {"encoder_weights": str(Path(weights).expanduser().resolve())}
+    if cfg.data.root is not None:
+        changes["data"] = {"root": str(Path(cfg.data.root).expanduser().resolve())}
+    return cfg.replace(**changes) if changes else cfg
 
 
 def expand(

@@ -235,7 +235,11 @@ def summarize_search(base: dict[str, Any], grid: Any, out: Path) -> dict[str, An
     if not valid:
         raise UserError(f"no search trial for {base['name']} reported a validation mIoU")
     best = max(valid, key=lambda r: r["val_miou"])
-    test = test_once(Path(best["out_dir"]) / "checkpoints" / "last.pt")
+    # A search trial that ran all its epochs keeps final.pt; one ASHA stopped keeps last.pt, the
+    # model of the epoch it last reported (search trials checkpoint every epoch).
+    checkpoints = Path(best["out_dir"]) / "checkpoints"
+    final = checkpoints / "final.pt"
+    test = test_once(final if final.exists() else checkpoints / "last.pt")
     summary = {
         "combination": base["name"],
         "best": best,
@@ -281,12 +285,12 @@ def run_search(
     out: Path,
     address: str | None,
 ) -> list[dict[str, Any]]:
-    from sweep.tune import _gpus_per_trial, _init_ray
+    from sweep.tune import _init_ray, cluster_gpus_per_trial
 
     search = SearchConfig.from_preset(preset, samples)
     bases = pruned_trials(run_dir.resolve(), parse_select(select))
     _init_ray(address)
-    gpus = _gpus_per_trial(search.gpus_per_trial)
+    gpus = cluster_gpus_per_trial(search.gpus_per_trial, address)
     summaries = []
     for base in bases:
         print(f"searching the fine-tuning of {base['name']}: {search.samples} samples", flush=True)

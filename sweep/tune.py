@@ -13,6 +13,7 @@ from typing import Any
 from sweep.grid import SweepConfig, TrialSpec, expand
 from trainables.checkpoint import write_json, write_text, write_yaml
 from trainables.errors import UserError
+from trainables.provenance import code_version
 
 STAGES = ("stage1-dense", "stage2-prune")
 
@@ -25,20 +26,22 @@ class SweepRequest:
     run_dir: Path
     roots: dict[str, str]
     address: str | None = None
+    check_data: bool = True  # validate every dataset in the driver before any trial starts
 
 
 def _name(trial: Any) -> str:
     return trial.config.get("trial", {}).get("name", trial.trial_id)
 
 
-def _progress_callback(stage: str, total: int) -> Any:
+def _progress_callback(stage: str, total: int, earlier: int) -> Any:
     from ray import tune
 
     class Progress(tune.Callback):
-        """One line per finished or failed trial: counts and the best test mIoU so far."""
+        """One line per finished or failed trial: counts over the whole stage (trials finished
+        by an earlier run of the sweep included), time since this run began, best test mIoU."""
 
         def __init__(self) -> None:
-            self.done = self.failed = 0
+            self.done, self.failed = earlier, 0
             self.best: tuple[float, str] | None = None
             self.started = time.monotonic()
 
@@ -69,6 +72,10 @@ def _progress_callback(stage: str, total: int) -> Any:
     return Progress()
 
 
+def _finished(spec: dict[str, Any]) -> bool:
+    return (Path(spec["out_dir"]) / "final.json").exists()
+
+
 def run_stage(
     name: str,
     specs: list[dict[str, Any]],
@@ -76,62 +83,104 @@ def run_stage(
     sweep: SweepConfig,
     gpus: float,
 ) -> dict[str, str | None]:
-    """Fit (or resume) one Tune experiment; trial name -> None if finished, else the error."""
+    """Run every trial of `specs` not finished yet; trial name -> None if finished, else the error.
+
+    Each call is a fresh Tune experiment over the unfinished trials, with the resources given
+    now: a trial resumes from its own `checkpoints/last.pt`, so nothing is lost, a combination
+    whose base model appeared since the last run is included, and Ray's pickled experiment state
+    from an earlier run is never loaded (`Tuner.restore` would unpickle it and ignore new grid
+    points and new resources).
+    """
     from ray import tune
 
     from trainables.ray_entry import train_trial
 
-    if not specs:
-        return {}
+    outcome: dict[str, str | None] = {s["name"]: None for s in specs if _finished(s)}
+    pending = [s for s in specs if not _finished(s)]
+    if specs:
+        print(
+            f"[{name}] {len(specs)} trials: {len(outcome)} finished earlier, {len(pending)} to run",
+            flush=True,
+        )
+    if not pending:
+        return outcome
     trainable = tune.with_resources(train_trial, {"cpu": sweep.cpus_per_trial, "gpu": gpus})
-    path = run_dir / name
-    space = {"trial": tune.grid_search(specs)}
-    if tune.Tuner.can_restore(str(path)):
-        print(f"[{name}] resuming the unfinished stage from {path}", flush=True)
-        # The same space again: a driver killed before its first trial started leaves no
-        # resolved trial configs behind.
-        tuner = tune.Tuner.restore(
-            str(path), trainable=trainable, resume_errored=True, param_space=space
-        )
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=space,
-            tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent or None),
-            run_config=tune.RunConfig(
-                name=name,
-                storage_path=str(run_dir),
-                failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-                callbacks=[_progress_callback(name, len(specs))],
-                verbose=0,
-            ),
-        )
-    grid = tuner.fit()
-    outcome: dict[str, str | None] = {}
-    for result in grid:
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search(pending)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent or None),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=str(run_dir),
+            failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+            callbacks=[_progress_callback(name, len(specs), len(outcome))],
+            verbose=0,
+        ),
+    )
+    for result in tuner.fit():
         trial_name = result.config.get("trial", {}).get("name")
-        if trial_name is None:
-            continue
-        outcome[trial_name] = None if result.error is None else str(result.error).splitlines()[0]
-    for spec in specs:  # trials Tune never reported (e.g. a stage restored mid-way)
+        if trial_name is not None:
+            outcome[trial_name] = None if result.error is None else _first_line(result.error)
+    for spec in pending:  # trials Tune never reported
         if spec["name"] not in outcome:
-            final = Path(spec["out_dir"]) / "final.json"
-            outcome[spec["name"]] = None if final.exists() else "did not run"
+            outcome[spec["name"]] = None if _finished(spec) else "did not run"
     return outcome
 
 
-def _gpus_per_trial(requested: float) -> float:
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def gpus_per_trial(requested: float, gpus_now: float, can_add_gpus: bool | None) -> float:
+    """The GPUs each trial asks for. `can_add_gpus`: True if the cluster's autoscaler has node
+    types with GPUs, False if nothing can ever add one (a machine without GPUs, a cluster
+    without an autoscaler or whose node types have none), None if it autoscales but its node
+    types are unknown here. Only False turns a request into 0: asking for a GPU is what makes an
+    autoscaler launch one."""
+    if requested == 0 or gpus_now > 0 or can_add_gpus is not False:
+        return requested
+    print(
+        f"warning: no GPU in the Ray cluster and nothing to add one: running trials with 0 GPUs "
+        f"instead of {requested} (pass --gpus-per-trial 0 to silence this)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return 0.0
+
+
+def cluster_gpus_per_trial(requested: float, address: str | None) -> float:
+    """`gpus_per_trial` for the Ray this driver is connected to (a local one when no address)."""
     import ray
 
-    available = ray.cluster_resources().get("GPU", 0.0)
-    if requested > 0 and available == 0:
-        print(
-            f"warning: no GPU in the Ray cluster: running trials with 0 GPUs instead of {requested}",
-            file=sys.stderr,
-            flush=True,
-        )
-        return 0.0
-    return requested
+    can_add = False if address is None else _cluster_can_add_gpus()
+    return gpus_per_trial(requested, ray.cluster_resources().get("GPU", 0.0), can_add)
+
+
+def _cluster_can_add_gpus() -> bool | None:
+    """Whether an autoscaler could add GPU nodes to the connected cluster (see `gpus_per_trial`)."""
+    import yaml
+
+    # The cluster launcher leaves the autoscaler's config on the head (Ray Tune reads it too).
+    bootstrap = Path("~/ray_bootstrap_config.yaml").expanduser()
+    if bootstrap.is_file():
+        types = (yaml.safe_load(bootstrap.read_text()) or {}).get("available_node_types") or {}
+        return any((t.get("resources") or {}).get("GPU", 0) > 0 for t in types.values())
+    return None if _autoscaler_running() else False
+
+
+def _autoscaler_running() -> bool:
+    """An autoscaler reports to this cluster's GCS (v1 writes its status there; v2 sets a flag)."""
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    if _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS):
+        return True
+    try:
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+        return is_autoscaler_v2(fetch_from_server=True)
+    except Exception:  # noqa: BLE001 - no v2 state in this cluster
+        return False
 
 
 def _init_ray(address: str | None) -> None:
@@ -145,20 +194,34 @@ def _init_ray(address: str | None) -> None:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
 
 
+def trial_environment() -> dict[str, str]:
+    """Variables every trial sets, made absolute here: a trial runs in a folder Ray chose."""
+    env = {}
+    if os.environ.get("CORROPRUNE_CACHE"):
+        env["CORROPRUNE_CACHE"] = str(Path(os.environ["CORROPRUNE_CACHE"]).expanduser().resolve())
+    return env
+
+
 def run_sweep(request: SweepRequest) -> dict[str, Any]:
     """Both stages; a failed base model drops only its own combinations. Returns the status."""
     run_dir = request.run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
     dense, pruned = expand(request.sweep, request.template, run_dir, request.roots)
-    _write_sweep_file(request, run_dir)
+    resolved = _check_run_dir(request, run_dir)  # before anything is written
+    if request.check_data:
+        check_datasets(dense)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_yaml(run_dir / "sweep.yaml", resolved)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     _init_ray(request.address)
-    gpus = _gpus_per_trial(request.sweep.gpus_per_trial)
+    gpus = cluster_gpus_per_trial(request.sweep.gpus_per_trial, request.address)
     print(
         f"sweep '{request.preset}': {len(dense)} dense + {len(pruned)} pruned trials in {run_dir}",
         flush=True,
     )
-    stage1 = run_stage(STAGES[0], [s.as_param() for s in dense], run_dir, request.sweep, gpus)
+    extra = {"code_version": code_version(), "env": trial_environment()}
+    stage1 = run_stage(
+        STAGES[0], [{**s.as_param(), **extra} for s in dense], run_dir, request.sweep, gpus
+    )
     write_label_distribution(run_dir, dense)
     failed_bases = {name: err for name, err in stage1.items() if err}
     runnable = [s for s in pruned if s.base not in failed_bases]
@@ -166,10 +229,13 @@ def run_sweep(request: SweepRequest) -> dict[str, Any]:
     for base, err in failed_bases.items():
         print(
             f"base model {base} failed ({err}); dropping its "
-            f"{sum(s.base == base for s in pruned)} combinations",
+            f"{sum(s.base == base for s in pruned)} combinations (they run once it finishes: "
+            "run the same command again)",
             flush=True,
         )
-    stage2 = run_stage(STAGES[1], [s.as_param() for s in runnable], run_dir, request.sweep, gpus)
+    stage2 = run_stage(
+        STAGES[1], [{**s.as_param(), **extra} for s in runnable], run_dir, request.sweep, gpus
+    )
     status = {
         "preset": request.preset,
         "dense": stage1,
@@ -180,6 +246,31 @@ def run_sweep(request: SweepRequest) -> dict[str, Any]:
     write_json(run_dir / "sweep_status.json", status)
     print(summary(run_dir, dense + pruned, status), flush=True)
     return status
+
+
+def check_datasets(dense: list[TrialSpec]) -> None:
+    """Every bad file of every dataset the sweep reads, named before the first trial starts."""
+    from trainables.config import TrialConfig
+    from trainables.data.check import check_dataset
+
+    bad = 0
+    for dataset in dict.fromkeys(spec.config["data"]["dataset"] for spec in dense):
+        if dataset == "synthetic":
+            continue  # generated by the trials themselves
+        spec = next(s for s in dense if s.config["data"]["dataset"] == dataset)
+        data = TrialConfig.from_dict(spec.config).data
+        print(f"checking dataset '{dataset}' in {data.root} ...", flush=True)
+        problems = check_dataset(
+            Path(data.root), dataset, sscs_variant=data.sscs_variant, num_classes=data.classes
+        )
+        for problem in problems:
+            print(f"{problem.path}: {problem.reason}", file=sys.stderr, flush=True)
+        bad += len(problems)
+    if bad:
+        raise UserError(
+            f"{bad} bad file(s) listed above; no trial was started. Fix them, or rerun with "
+            "--skip-data-check to let the trials meet them"
+        )
 
 
 def write_label_distribution(run_dir: Path, dense: list[TrialSpec]) -> None:
@@ -207,7 +298,12 @@ def write_label_distribution(run_dir: Path, dense: list[TrialSpec]) -> None:
         write_text(run_dir / "label_distribution.csv", csv.to_csv(index=False))
 
 
-def _write_sweep_file(request: SweepRequest, run_dir: Path) -> None:
+# Settings that change how trials are scheduled, never what they compute: a resumed sweep may
+# change them (after an out-of-memory at 0.5 GPU per trial, resume with 1).
+RESOURCE_KEYS = ("cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_failures")
+
+
+def _resolved_sweep_file(request: SweepRequest) -> dict[str, Any]:
     from dataclasses import asdict
 
     resolved = {
@@ -217,18 +313,57 @@ def _write_sweep_file(request: SweepRequest, run_dir: Path) -> None:
         },
         "trial": request.template,
         "data_roots": request.roots,
+        "code_version": code_version(),
     }
-    path = run_dir / "sweep.yaml"
-    if path.exists():
-        import yaml
+    return json.loads(json.dumps(resolved))
 
-        existing = yaml.safe_load(path.read_text())
-        if existing != json.loads(json.dumps(resolved)):
-            raise UserError(
-                f"{run_dir} holds a sweep with other settings ({path}); rerun with the same "
-                "command to resume it, or choose a new --out"
-            )
-    write_yaml(path, json.loads(json.dumps(resolved)))
+
+def _results_part(resolved: dict[str, Any]) -> dict[str, Any]:
+    sweep = {k: v for k, v in (resolved.get("sweep") or {}).items() if k not in RESOURCE_KEYS}
+    rest = {k: v for k, v in resolved.items() if k not in ("sweep", "code_version")}
+    return {**rest, "sweep": sweep}
+
+
+def _differences(old: Any, new: Any, where: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = dict.fromkeys([*old, *new])
+        return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{where}{k}.")]
+    return [] if old == new else [f"{where.rstrip('.')} ({old!r} -> {new!r})"]
+
+
+def _check_run_dir(request: SweepRequest, run_dir: Path) -> dict[str, Any]:
+    """The sweep file to write; refuses a RUN_DIR holding another sweep or another code version.
+
+    Only what changes results is compared: resources (`RESOURCE_KEYS`) may differ on resume.
+    """
+    import yaml
+
+    resolved = _resolved_sweep_file(request)
+    path = run_dir / "sweep.yaml"
+    if not path.exists():
+        return resolved
+    existing = yaml.safe_load(path.read_text()) or {}
+    changed = _differences(_results_part(existing), _results_part(resolved))
+    if changed:
+        raise UserError(
+            f"{run_dir} holds a sweep with other settings ({path}): {'; '.join(changed[:5])}. "
+            "Rerun with the same settings to resume it (resources may change), or choose a new --out"
+        )
+    recorded = existing.get("code_version")
+    if recorded is None:
+        print(
+            f"warning: {path} records no code version (written by an older corroprune); "
+            f"resuming with {resolved['code_version']}",
+            file=sys.stderr,
+            flush=True,
+        )
+    elif recorded != resolved["code_version"]:
+        raise UserError(
+            f"{run_dir} was written by corroprune {recorded} and this is {resolved['code_version']}: "
+            "one RUN_DIR holds the results of one code version. Install the recorded version to "
+            "resume it, or choose a new --out"
+        )
+    return resolved
 
 
 def summary(run_dir: Path, specs: list[TrialSpec], status: dict[str, Any]) -> str:

@@ -36,6 +36,11 @@ def add_sweep_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cpus-per-trial", type=float)
     p.add_argument("--max-concurrent", type=int)
     p.add_argument(
+        "--skip-data-check",
+        action="store_true",
+        help="start the trials without validating every dataset file first",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -61,6 +66,7 @@ def add_demo_command(sub: argparse._SubParsersAction) -> None:
         gpus_per_trial=None,
         cpus_per_trial=None,
         max_concurrent=None,
+        skip_data_check=False,
         set=[],
     )
 
@@ -90,6 +96,7 @@ def build_request(args: argparse.Namespace):
         run_dir=args.out.resolve(),
         roots=parse_roots(args.data_root, sweep.datasets),
         address=args.address,
+        check_data=not args.skip_data_check,
     )
 
 

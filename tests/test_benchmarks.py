@@ -116,3 +116,16 @@ def test_pruning_overhead_times_both_steps_alternately() -> None:
     assert extra == 4 * sum(p.numel() for p in params)  # a float32 accumulator per prunable weight
     pruned = sum(int((~m).sum()) for m in stepper.pruner.masks.masks.values())
     assert pruned == sum(round(0.5 * p.numel()) for p in params)  # 50 %, layer by layer
+
+
+def test_checkpoint_traffic_counts_a_trials_own_last_checkpoint_writes(tmp_path: Path) -> None:
+    bench_checkpoint = load("bench_checkpoint")
+    sizes = bench_checkpoint.measure_sizes("tu-test_resnet", tmp_path)
+    train, prune, finetune = (sizes[stage][0] for stage in ("train", "prune", "finetune"))
+    assert 0 < train < finetune < prune  # + masks; + a float32 score per prunable weight
+    plan, unit = [("prune", 50), ("finetune", 100)], {"prune": 1, "finetune": 1}
+    every_epoch = bench_checkpoint.trial_traffic(plan, unit, 24.0, bench_checkpoint.EVERY_EPOCH)
+    assert every_epoch == (150, 150)  # 150 epochs of 24 s: one hour
+    # every 600 s: prune epochs 25 and 50, fine-tuning 25, 50, 75 and 100
+    default = bench_checkpoint.trial_traffic(plan, unit, 24.0, bench_checkpoint.RuntimeConfig())
+    assert default == (6, 6)

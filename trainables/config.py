@@ -126,6 +126,13 @@ class RuntimeConfig:
     # (uint8 batches, one affine warp per image on the training device), or "auto".
     augment: str = "auto"
     latency_repeats: int = 5  # final model's CPU latency runs recorded in final.json (0: skip)
+    # checkpoints/last.pt (about 0.6 GB for a pruned FPN-ResNet-101) is written at the end of every
+    # stage and after any epoch where one of these is due: every N epochs of a stage, or once
+    # this much wall time has passed since the last write or the stage's start (None: that
+    # cadence off). A resume re-runs the epochs since the last write (deterministic); a finished
+    # trial deletes last.pt.
+    checkpoint_every_epochs: int | None = None
+    checkpoint_every_s: float | None = 600.0
 
     def resolve(self, device: str) -> RuntimeConfig:
         """A copy with every "auto" switch decided for `device` ("cpu" or "cuda")."""
@@ -138,6 +145,15 @@ class RuntimeConfig:
             if self.compile == "auto"
             else self.compile,
             augment=("device" if gpu else "cpu") if self.augment == "auto" else self.augment,
+        )
+
+    def checkpoint_due(self, epoch: int, epochs: int, seconds_since_write: float) -> bool:
+        """Whether last.pt is written after `epoch` (1-based) of a stage of `epochs`."""
+        every_n, every_s = self.checkpoint_every_epochs, self.checkpoint_every_s
+        return (
+            epoch == epochs
+            or (every_n is not None and epoch % every_n == 0)
+            or (every_s is not None and seconds_since_write >= every_s)
         )
 
 
@@ -312,6 +328,18 @@ def validate(cfg: TrialConfig) -> None:
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more")
     r = cfg.runtime
     _check(r.latency_repeats >= 0, "runtime.latency_repeats", r.latency_repeats, "0 or more")
+    _check(
+        r.checkpoint_every_epochs is None or r.checkpoint_every_epochs >= 1,
+        "runtime.checkpoint_every_epochs",
+        r.checkpoint_every_epochs,
+        "none or at least 1 (1: every epoch)",
+    )
+    _check(
+        r.checkpoint_every_s is None or r.checkpoint_every_s >= 0,
+        "runtime.checkpoint_every_s",
+        r.checkpoint_every_s,
+        "none or 0 or more seconds (0: every epoch)",
+    )
     _check(d.resize is None or d.resize >= 32, "data.resize", d.resize, "none or at least 32")
     _check(o.batch_size >= 1, "optim.batch_size", o.batch_size, "at least 1")
     _check(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "in [0, 1)")

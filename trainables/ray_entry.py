@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import traceback
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,9 @@ from ray import tune
 
 from trainables.checkpoint import write_text
 from trainables.config import TrialConfig
+from trainables.errors import UserError
+from trainables.provenance import code_version
 from trainables.trial import run_trial
-
-
-class InjectedFault(RuntimeError):
-    """Raised once by `fault_after_epoch`, for tests of the sweep's fault tolerance."""
 
 
 def _scalars(record: dict[str, Any]) -> dict[str, Any]:
@@ -31,22 +30,25 @@ def _scalars(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _reporter(out_dir: Path, fault_after_epoch: int | None):
-    marker = out_dir / "injected_fault.done"
+def _report(record: dict[str, Any]) -> None:
+    tune.report(_scalars(record))
 
-    def report(record: dict[str, Any]) -> None:
-        tune.report(_scalars(record))
-        epoch = record.get("global_epoch")
-        if fault_after_epoch is not None and epoch == fault_after_epoch and not marker.exists():
-            marker.write_text("the injected fault fired here once\n")
-            raise InjectedFault(f"injected fault after epoch {epoch}")
 
-    return report
+def check_code_version(expected: str | None, node: str) -> None:
+    """Refuse to run a trial with other code than the sweep's driver (a node set up apart)."""
+    if expected is not None and expected != code_version():
+        raise UserError(
+            f"node {node} runs corroprune {code_version()} but the sweep's driver runs {expected}: "
+            "every node of a sweep must run the same code (reinstall it on that node; "
+            "`ray up cluster.yaml` syncs and installs the driver's copy)"
+        )
 
 
 def train_trial(config: dict[str, Any]) -> None:
-    """Ray entry: `config["trial"]` is a `TrialSpec.as_param()` dict (plus test-only keys)."""
+    """Ray entry: `config["trial"]` is a `TrialSpec.as_param()` dict plus the driver's
+    `code_version` and `env` (variables with absolute paths)."""
     spec = config["trial"]
+    os.environ.update(spec.get("env") or {})
     cfg = TrialConfig.from_dict(spec["config"])
     out_dir = Path(spec["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -62,11 +64,12 @@ def train_trial(config: dict[str, Any]) -> None:
     }
     warm = Path(spec["warm_start"]) if spec.get("warm_start") else None
     try:
+        check_code_version(spec.get("code_version"), meta["node_ip"])
         run_trial(
             cfg,
             out_dir,
             warm_start=warm,
-            reporter=_reporter(out_dir, spec.get("fault_after_epoch")),
+            reporter=_report,
             meta=meta,
         )
     except BaseException as err:
@@ -105,7 +108,9 @@ def searched_config(base: dict[str, Any], params: dict[str, Any]) -> TrialConfig
     stages = (
         {"finetune_epochs": int(params["finetune_epochs"])} if "finetune_epochs" in params else {}
     )
-    return cfg.replace(optim=optim, loss=loss, stages=stages)
+    # Every epoch: ASHA may stop a trial after any report, and its last.pt is what gets evaluated.
+    runtime = {"checkpoint_every_epochs": 1}
+    return cfg.replace(optim=optim, loss=loss, stages=stages, runtime=runtime)
 
 
 def finetune_trial(config: dict[str, Any]) -> None:

@@ -35,6 +35,7 @@ from trainables.data import build_datasets
 from trainables.data.dataset import epoch_seed
 from trainables.errors import UserError
 from trainables.models import build_model
+from trainables.provenance import code_version
 from trainables.pruning.masks import sparsity_stats
 from trainables.pruning.pruner import Pruner
 
@@ -93,7 +94,13 @@ class Trial:
         engine.seed_everything(cfg.seed)
         self.data = build_datasets(cfg.data, cfg.seed, self.runtime.augment)
         self.num_classes = cfg.data.classes
-        self.model = build_model(cfg.model, self.num_classes).to(self.device)
+        # A warm start or a resume loads every weight from a checkpoint: fetching ImageNet
+        # weights first would only fail on a node without them, for nothing.
+        loads_checkpoint = warm_start is not None or (self.ckpt_dir / "last.pt").exists()
+        model_cfg = (
+            dataclasses.replace(cfg.model, encoder_weights=None) if loads_checkpoint else cfg.model
+        )
+        self.model = build_model(model_cfg, self.num_classes).to(self.device)
         if self.runtime.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # Training crops have one size, so a compiled (and CUDA-graphed) forward pays off there;
@@ -174,6 +181,7 @@ class Trial:
             write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def save(self, pos: Position, optimizer: Any, scheduler: Any) -> None:
+        """Write checkpoints/last.pt: everything a resume after `pos` needs."""
         state = {
             "stage_index": pos.stage_index,
             "epoch": pos.epoch,
@@ -222,6 +230,7 @@ class Trial:
         if self.pruner is not None and stage != "train":
             self.pruner.masks.apply()
         hooks = self._hooks(stage)
+        written_at = time.monotonic()  # a stage starts from a written (or no) checkpoint
         for epoch in range(pos.epoch + 1, epochs + 1):
             t0 = time.perf_counter()
             seed = epoch_seed(self.cfg.seed, pos.global_epoch + 1)
@@ -254,8 +263,12 @@ class Trial:
             pos.epoch, pos.global_epoch = epoch, pos.global_epoch + 1
             record = self._record(stage, epoch, pos, scheduler, train_loss, val, changed)
             record["time_s"] = round(time.perf_counter() - t0, 4)
-            self.save(pos, optimizer, scheduler)
+            # The record first: a crash before the save drops it on resume (its epoch re-runs);
+            # the other order could lose it for good.
             append_jsonl(self.out / "metrics.jsonl", record)
+            if self.cfg.runtime.checkpoint_due(epoch, epochs, time.monotonic() - written_at):
+                self.save(pos, optimizer, scheduler)
+                written_at = time.monotonic()
             if self.reporter is not None:
                 self.reporter(record)
 
@@ -346,6 +359,8 @@ class Trial:
             "warm_start": str(self.warm_start) if self.warm_start else None,
         }
         write_json(self.out / "final.json", result)
+        # Finished: final.pt and final.json stand for the trial now; nothing left to resume.
+        (self.ckpt_dir / "last.pt").unlink(missing_ok=True)
         if self.reporter is not None and self.evaluate_test:
             summary = pruned or pos.dense_test
             self.reporter(
@@ -388,11 +403,12 @@ def environment(cfg: TrialConfig, meta: dict[str, Any] | None) -> dict[str, Any]
     return {
         "seed": cfg.seed,
         "versions": versions,
+        "code_version": code_version(),
         "hostname": socket.gethostname(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "runtime": dataclasses.asdict(cfg.runtime.resolve(device.type)),  # "auto" decided
         "torch_threads": torch.get_num_threads(),
-        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "started_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
         **(meta or {}),
     }
 
@@ -434,6 +450,7 @@ def run_trial(
     out = Path(out_dir).resolve()
     final = out / "final.json"
     if final.exists():
+        (out / "checkpoints" / "last.pt").unlink(missing_ok=True)  # a crash before its removal
         return json.loads(final.read_text())
     out.mkdir(parents=True, exist_ok=True)
     _check_same_config(out, cfg)

@@ -1,14 +1,16 @@
-"""One trial end to end: stage order, record keys, exact resume, atomic and code-free checkpoints."""
+"""One trial end to end: stage order, record keys, exact resume, checkpoint cadence, atomic and
+code-free checkpoints."""
 
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import tiny_config
-from trainables.checkpoint import load_checkpoint, read_jsonl, save_checkpoint
-from trainables.config import TrialConfig
+from trainables.checkpoint import append_jsonl, load_checkpoint, read_jsonl, save_checkpoint
+from trainables.config import RuntimeConfig, TrialConfig, merge
 from trainables.errors import UserError
 from trainables.trial import model_from_checkpoint, run_trial
 
@@ -78,9 +80,9 @@ def test_stages_run_in_order_with_full_records(pruned_run) -> None:
         "examples.npz",
         "checkpoints/dense.pt",
         "checkpoints/final.pt",
-        "checkpoints/last.pt",
     ):
         assert (out / name).exists(), name
+    assert not (out / "checkpoints" / "last.pt").exists()  # finished: nothing left to resume
     env = json.loads((out / "env.json").read_text())
     assert env["seed"] == 0 and env["versions"]["torch"] == torch.__version__.split("+")[0]
     assert env["versions"]["segmentation-models-pytorch"]
@@ -102,7 +104,8 @@ def test_resumed_run_continues_exactly(tmp_path) -> None:
     assert not (tmp_path / "crashed" / "final.json").exists()
     resumed_records = []
     resumed = run_trial(cfg, tmp_path / "crashed", reporter=resumed_records.append)
-    assert [r["global_epoch"] for r in resumed_records[:-1]] == [4, 5]
+    # last.pt was written at the train stage's end (the tiny run is far inside the time cadence)
+    assert [r["global_epoch"] for r in resumed_records[:-1]] == [3, 4, 5]
     a = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
     b = read_jsonl(tmp_path / "crashed" / "metrics.jsonl")
     assert [r["global_epoch"] for r in b] == [1, 2, 3, 4, 5]
@@ -123,11 +126,33 @@ def test_warm_start_skips_training_stage(pruned_run, tmp_path) -> None:
     assert warm["dense"] == result["dense"]
 
 
+def test_warm_started_and_resumed_trials_need_no_encoder_weights(pruned_run, tmp_path) -> None:
+    """A stage-2 trial (or a resumed one) takes every weight from its checkpoint: the encoder
+    weights named in its config (here a file this node does not have) are never fetched."""
+    cfg, out, result = pruned_run
+    absent_file = tmp_path / "not-on-this-node.pt"
+    absent = cfg.replace(model={"encoder_weights": str(absent_file)})
+    with pytest.raises(UserError, match="not-on-this-node.pt"):  # a dense trial does need them
+        run_trial(absent, tmp_path / "dense")
+    warm = run_trial(absent, tmp_path / "pruned", warm_start=out / "checkpoints" / "dense.pt")
+    assert warm["dense"] == result["dense"]
+    with pytest.raises(Crash):
+        run_trial(cfg, tmp_path / "resumed", reporter=_crash_after(3))
+    # The same run resumed on a node without the file: its config names it, its last.pt exists.
+    config = tmp_path / "resumed" / "config.yaml"
+    named = config.read_text().replace("encoder_weights: null", f"encoder_weights: {absent_file}")
+    assert named != config.read_text()
+    config.write_text(named)
+    resumed = run_trial(absent, tmp_path / "resumed")
+    assert resumed["pruned"]["test_miou"] == pytest.approx(result["pruned"]["test_miou"], rel=1e-5)
+
+
 def test_finished_trial_is_not_rerun(pruned_run) -> None:
     cfg, out, result = pruned_run
     before = (out / "metrics.jsonl").read_text()
     assert run_trial(cfg, out) == result
     assert (out / "metrics.jsonl").read_text() == before
+    assert not (out / "checkpoints" / "last.pt").exists()
 
 
 def test_other_config_in_same_folder_is_refused(tmp_path) -> None:
@@ -139,14 +164,16 @@ def test_other_config_in_same_folder_is_refused(tmp_path) -> None:
 
 
 def test_run_from_an_older_version_resumes(tmp_path) -> None:
-    """A config.yaml without keys added since (here runtime.augment) means their defaults."""
+    """A config.yaml without keys added since (here runtime.augment and the checkpoint cadence)
+    means their defaults."""
     import yaml
 
     cfg = TrialConfig.from_dict(tiny_config(stages={"train_epochs": 2}))
     with pytest.raises(Crash):
         run_trial(cfg, tmp_path, reporter=_crash_after(1))
     older = cfg.to_dict()
-    del older["runtime"]["augment"]
+    for key in ("augment", "checkpoint_every_epochs", "checkpoint_every_s"):
+        del older["runtime"][key]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))
     assert run_trial(cfg, tmp_path)["dense"]["test_miou"] >= 0
     assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 2
@@ -155,6 +182,117 @@ def test_run_from_an_older_version_resumes(tmp_path) -> None:
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))
     with pytest.raises(UserError, match="different configuration"):
         run_trial(cfg, tmp_path)
+
+
+def _cadence(epochs: int | None, seconds: float | None, **sections: dict) -> TrialConfig:
+    """A quicker tiny trial (one 32 px step an epoch) with the given last.pt cadence."""
+    quick = {
+        "data": {"crop_size": 32, "synthetic": {"train": 6, "test": 2, "size": 32}},
+        "runtime": {
+            "checkpoint_every_epochs": epochs,
+            "checkpoint_every_s": seconds,
+            "latency_repeats": 0,
+        },
+    }
+    return TrialConfig.from_dict(tiny_config(**merge(quick, sections)))
+
+
+def _spy_last_writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The global epoch of every last.pt written from now on."""
+    writes = []
+
+    def spy(state: dict, path: Path) -> None:
+        if path.name == "last.pt":
+            writes.append(state["global_epoch"])
+        save_checkpoint(state, path)
+
+    monkeypatch.setattr("trainables.trial.save_checkpoint", spy)
+    return writes
+
+
+def _records_and_last(out: Path) -> tuple[list[int], int]:
+    """Global epochs in metrics.jsonl, and the one last.pt was written after."""
+    epochs = [r["global_epoch"] for r in read_jsonl(out / "metrics.jsonl")]
+    return epochs, load_checkpoint(out / "checkpoints" / "last.pt")["global_epoch"]
+
+
+def _without_times(path: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "time_s"} for r in read_jsonl(path)]
+
+
+@pytest.fixture(scope="module")
+def every_2(tmp_path_factory):
+    """An AGP trial (train 3, prune 2, fine-tune 1 epochs) writing last.pt every 2 epochs, run
+    without interruption; and the global epochs at which it wrote last.pt."""
+    cfg = _cadence(2, None, pruning={"pruner": "agp", "sparsity": 0.5}, stages={"train_epochs": 3})
+    out = tmp_path_factory.mktemp("every2")
+    with pytest.MonkeyPatch.context() as mp:
+        writes = _spy_last_writes(mp)
+        result = run_trial(cfg, out)
+    return cfg, out, result, writes
+
+
+def test_last_checkpoint_is_written_on_its_cadence_and_at_stage_ends(every_2) -> None:
+    _, out, _, writes = every_2
+    assert writes == [2, 3, 5, 6]  # train 2 and its end 3; prune 2 (its end); fine-tune 1
+    assert (out / "checkpoints" / "final.pt").exists()
+    assert not (out / "checkpoints" / "last.pt").exists()
+
+
+def test_time_cadence_of_zero_writes_after_every_epoch(tmp_path, monkeypatch) -> None:
+    writes = _spy_last_writes(monkeypatch)
+    run_trial(_cadence(None, 0.0, stages={"train_epochs": 3}), tmp_path)
+    assert writes == [1, 2, 3]
+
+
+def test_checkpoint_due_by_epochs_time_or_stage_end() -> None:
+    default = RuntimeConfig()
+    assert default.checkpoint_every_epochs is None and default.checkpoint_every_s == 600.0
+    assert not default.checkpoint_due(3, 10, 599.0)
+    assert default.checkpoint_due(3, 10, 600.0) and default.checkpoint_due(10, 10, 0.0)
+    every_4 = RuntimeConfig(checkpoint_every_epochs=4, checkpoint_every_s=None)
+    assert [e for e in range(1, 11) if every_4.checkpoint_due(e, 10, 1e9)] == [4, 8, 10]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("checkpoint_every_epochs", 0), ("checkpoint_every_s", -1.5)]
+)
+def test_checkpoint_cadence_rejects_bad_values(key: str, value: float) -> None:
+    with pytest.raises(UserError, match=f"'runtime.{key}' is {value}; expected"):
+        TrialConfig.from_dict(tiny_config(runtime={key: value}))
+
+
+def test_crashes_between_checkpoints_resume_to_the_same_records(
+    every_2, tmp_path, monkeypatch
+) -> None:
+    """Three crashes in one folder, each resumed from the last written last.pt: the records
+    end up those of the uninterrupted run, none twice, none lost."""
+    cfg, straight_out, straight, _ = every_2
+
+    def append_but_3(path: Path, record: dict) -> None:
+        if record["global_epoch"] == 3:
+            raise Crash  # dies writing the record of an epoch whose checkpoint is due
+        append_jsonl(path, record)
+
+    with monkeypatch.context() as mp, pytest.raises(Crash):
+        mp.setattr("trainables.trial.append_jsonl", append_but_3)
+        run_trial(cfg, tmp_path)
+    assert _records_and_last(tmp_path) == ([1, 2], 2)  # epoch 3 re-runs, its record kept
+    with pytest.raises(Crash):
+        run_trial(cfg, tmp_path, reporter=_crash_after(2))  # epochs 3, 4 (prune 1, no write)
+    assert _records_and_last(tmp_path) == ([1, 2, 3, 4], 3)
+    with pytest.raises(Crash):
+        run_trial(cfg, tmp_path, reporter=_crash_after(3))  # 4 again, 5, 6: dies after the last
+    assert _records_and_last(tmp_path) == ([1, 2, 3, 4, 5, 6], 6)
+    rerun = []
+    resumed = run_trial(cfg, tmp_path, reporter=rerun.append)
+    assert [r for r in rerun if "global_epoch" in r] == []  # only the final evaluation was left
+    assert _without_times(tmp_path / "metrics.jsonl") == _without_times(
+        straight_out / "metrics.jsonl"
+    )
+    assert resumed["pruned"] == straight["pruned"]
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()
+    assert run_trial(cfg, tmp_path) == resumed  # finished: its stored result, nothing re-run
 
 
 def test_checkpoint_write_is_atomic_and_refuses_pickled_code(tmp_path) -> None:

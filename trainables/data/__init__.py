@@ -22,9 +22,11 @@ from trainables.data.formats import (
     Item,
     folder_dirs,
     nea_items,
+    other_sscs_variant,
     paired_items,
     split_blocks,
     sscs_dirs,
+    sscs_root,
 )
 from trainables.data.synth import write_synthetic
 from trainables.errors import UserError
@@ -39,7 +41,11 @@ class Datasets:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("CORROPRUNE_CACHE", Path.home() / ".cache" / "corroprune"))
+    """`$CORROPRUNE_CACHE` or `~/.cache/corroprune`. A relative value means the folder the
+    process started in, also inside a Ray trial, which runs in a folder of Ray's choosing."""
+    root = Path(os.environ.get("CORROPRUNE_CACHE", Path.home() / ".cache" / "corroprune"))
+    root = root.expanduser()
+    return root if root.is_absolute() else Path(os.environ.get("TUNE_ORIG_WORKING_DIR", ".")) / root
 
 
 def decoded_root() -> Path:
@@ -65,6 +71,16 @@ def class_names(root: Path | None, num_classes: int) -> tuple[str, ...]:
     return CLASS_NAMES.get(num_classes, tuple(f"class{i}" for i in range(num_classes)))
 
 
+def _require_sscs_variant(root: Path, variant: str) -> None:
+    """Name the variant the archive holds when only the other one than asked for is there."""
+    other = other_sscs_variant(root, variant)
+    if other is not None:
+        raise UserError(
+            f"{sscs_root(root) / variant}: folder missing, but the archive holds '{other}/'; "
+            f"pick it with --set data.sscs_variant={other} (or data.sscs_variant in the preset)"
+        )
+
+
 def split_items(cfg: DataConfig, split: str) -> list[Item]:
     """The items of the dataset's own train or test split."""
     if cfg.root is None and cfg.dataset != "synthetic":
@@ -86,6 +102,7 @@ def split_items(cfg: DataConfig, split: str) -> list[Item]:
     if cfg.dataset == "folder":
         return paired_items(*folder_dirs(root, split))
     if cfg.dataset == "sscs":
+        _require_sscs_variant(root, cfg.sscs_variant)
         return paired_items(*sscs_dirs(root, split, cfg.sscs_variant))
     items = nea_items(root, cfg.nea_block_size)
     test_blocks = split_blocks([it.group for it in items], cfg.nea_test_fraction)

@@ -2,33 +2,40 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from trainables.config import SSCS_VARIANTS
 from trainables.data.formats import (
     CLASS_NAMES,
+    Item,
+    Polygon,
+    Problem,
     _images,
+    detect_sscs_variant,
     folder_dirs,
-    frame_index,
     load_item,
+    nea_image,
     nea_items,
+    other_sscs_variant,
     read_image,
     read_index_mask,
+    scan_via,
     sscs_dirs,
+    sscs_root,
 )
 from trainables.errors import UserError
 
 FORMATS = ("sscs", "nea", "folder", "synthetic")
 DEFAULT_CLASSES = {"sscs": 4, "nea": 3}
+__all__ = ["Problem", "check_dataset", "class_distribution", "resolve_sscs_variant"]
 
 
-@dataclass(frozen=True)
-class Problem:
-    path: Path
-    reason: str
+def _reason(err: UserError) -> str:
+    """A UserError's message without the leading 'path: ' (the Problem carries the path)."""
+    return str(err).split(": ", 1)[-1]
 
 
 def _classes(fmt: str, num_classes: int | None) -> int:
@@ -37,6 +44,30 @@ def _classes(fmt: str, num_classes: int | None) -> int:
     if num_classes is not None:
         return num_classes
     return DEFAULT_CLASSES.get(fmt, 4)
+
+
+def resolve_sscs_variant(root: Path, variant: str) -> str:
+    """`variant` itself, or for 'auto' the one the archive holds (512x512 when it holds both)."""
+    if variant == "auto":
+        return detect_sscs_variant(Path(root))
+    if variant not in SSCS_VARIANTS:
+        allowed = ", ".join(("auto", *SSCS_VARIANTS))
+        raise UserError(f"unknown SSCS variant '{variant}'; allowed: {allowed}")
+    return variant
+
+
+def _sscs_variant(root: Path, variant: str) -> tuple[str, Problem | None]:
+    """The variant to read, and a Problem saying how to pick the other if only it is present."""
+    variant = resolve_sscs_variant(root, variant)
+    other = other_sscs_variant(root, variant)
+    if other is None:
+        return variant, None
+    return variant, Problem(
+        sscs_root(root) / variant,
+        f"folder missing, but the archive holds '{other}/': pick it with "
+        f"`--sscs-variant {other}` (data check, data stats) "
+        f"or `--set data.sscs_variant={other}` (train, sweep)",
+    )
 
 
 def _pair_dirs(root: Path, fmt: str, sscs_variant: str) -> list[tuple[str, Path, Path]]:
@@ -60,12 +91,12 @@ def _check_pairs(images_dir: Path, masks_dir: Path, num_classes: int) -> list[Pr
         try:
             image = read_image(images[stem])
         except UserError as err:
-            problems.append(Problem(images[stem], str(err).split(": ", 1)[-1]))
+            problems.append(Problem(images[stem], _reason(err)))
             continue
         try:
             mask = read_index_mask(masks[stem], num_classes)
         except UserError as err:
-            problems.append(Problem(masks[stem], str(err).split(": ", 1)[-1]))
+            problems.append(Problem(masks[stem], _reason(err)))
             continue
         if mask.shape != image.shape[:2]:
             problems.append(
@@ -77,37 +108,51 @@ def _check_pairs(images_dir: Path, masks_dir: Path, num_classes: int) -> list[Pr
     return problems
 
 
-def _check_nea(root: Path) -> list[Problem]:
+def _check_frame(root: Path, name: str, polygons: list[Polygon]) -> list[Problem]:
+    image = nea_image(root, name)
+    if not image.is_file():
+        missing = "listed in res.json but the image file is missing (here or in images/)"
+        return [Problem(root / name, missing)]
     try:
-        items = nea_items(root, block_size=1)
+        load_item(Item(image, polygons=tuple(polygons)), 3)
     except UserError as err:
-        return [Problem(root / "res.json", str(err))]
-    problems = []
-    annotated = {it.image.name for it in items}
-    for item in items:
-        if not item.image.is_file():
-            problems.append(Problem(item.image, "listed in res.json but the image file is missing"))
-            continue
-        try:
-            load_item(item, 3)
-        except UserError as err:
-            problems.append(Problem(item.image, str(err).split(": ", 1)[-1]))
-    for frame in sorted(root.glob("*.jpg"), key=lambda p: frame_index(p.name)):
-        if frame.name not in annotated:
-            problems.append(Problem(frame, "image without annotation in res.json"))
+        return [Problem(image, _reason(err))]
+    return []
+
+
+def _check_nea(root: Path) -> list[Problem]:
+    """Every bad entry of res.json, every listed frame missing or unreadable, every unlisted one."""
+    try:
+        listed, problems = scan_via(root)
+    except UserError as err:
+        return [Problem(root / "res.json", _reason(err))]
+    for name, polygons in listed.items():
+        problems += _check_frame(root, name, polygons)
+    problems += [
+        Problem(frame, "image without annotation in res.json")
+        for frame in sorted(root.glob("*.jpg"))
+        if frame.name not in listed
+    ]
     return problems
 
 
 def check_dataset(
     root: Path, fmt: str, *, sscs_variant: str = "512x512", num_classes: int | None = None
 ) -> list[Problem]:
-    """Every problem found: unreadable files, unpaired files, size mismatches, unknown labels."""
+    """Every problem found: unreadable files, unpaired files, size mismatches, unknown labels.
+
+    `sscs_variant` may be 'auto' (see `resolve_sscs_variant`).
+    """
     n = _classes(fmt, num_classes)
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"data root not found: {root}")
     if fmt == "nea":
         return _check_nea(root)
+    if fmt == "sscs":
+        sscs_variant, problem = _sscs_variant(root, sscs_variant)
+        if problem is not None:
+            return [problem]
     problems = []
     for _, images, masks in _pair_dirs(root, fmt, sscs_variant):
         problems += _check_pairs(images, masks, n)
@@ -129,10 +174,17 @@ def _masks(root: Path, fmt: str, sscs_variant: str, n: int) -> list[tuple[str, n
 def class_distribution(
     root: Path, fmt: str, *, sscs_variant: str = "512x512", num_classes: int | None = None
 ) -> pd.DataFrame:
-    """Pixels per class and split (the paper's Figure 4), one row per (split, class)."""
+    """Pixels per class and split (the paper's Figure 4), one row per (split, class).
+
+    `sscs_variant` may be 'auto' (see `resolve_sscs_variant`).
+    """
     n = _classes(fmt, num_classes)
     if not Path(root).is_dir():
         raise UserError(f"data root not found: {root}")
+    if fmt == "sscs":
+        sscs_variant, problem = _sscs_variant(Path(root), sscs_variant)
+        if problem is not None:
+            raise UserError(f"{problem.path}: {problem.reason}")
     counts: dict[str, np.ndarray] = {}
     for split, mask in _masks(Path(root), fmt, sscs_variant, n):
         counts[split] = (

@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from trainables.config import SSCS_VARIANTS
 from trainables.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SSCS_FOLDER = "Corrosion Condition State Classification"
 SSCS_COLOURS = {(0, 0, 0): 0, (128, 0, 0): 1, (0, 128, 0): 2, (128, 128, 0): 3}
 NEA_LABELS = {"corroded_c1": 1, "corroded_c2": 2}
+Polygon = tuple[int, tuple[tuple[float, float], ...]]  # (class, points)
 CLASS_NAMES = {
     4: ("good", "fair", "poor", "severe"),
     3: ("background", "corroded_c1", "corroded_c2"),
@@ -28,10 +30,16 @@ class Item:
 
     image: Path
     mask: Path | None = None
-    polygons: tuple[tuple[int, tuple[tuple[float, float], ...]], ...] | None = (
-        None  # (class, points)
-    )
+    polygons: tuple[Polygon, ...] | None = None
     group: int = 0  # items of one group (a block of video frames) stay in one split
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a dataset: the file, and what was expected of it."""
+
+    path: Path
+    reason: str
 
 
 def _images(folder: Path) -> dict[str, Path]:
@@ -56,6 +64,24 @@ def sscs_root(root: Path) -> Path:
     if (root / SSCS_FOLDER).is_dir():
         return root / SSCS_FOLDER
     return root
+
+
+def sscs_variant_present(root: Path, variant: str) -> bool:
+    return (sscs_root(root) / variant).is_dir()
+
+
+def detect_sscs_variant(root: Path) -> str:
+    """The variant whose folder the archive holds; 512x512 when it holds both or neither."""
+    present = [v for v in SSCS_VARIANTS if sscs_variant_present(root, v)]
+    return present[0] if len(present) == 1 else "512x512"
+
+
+def other_sscs_variant(root: Path, variant: str) -> str | None:
+    """The other variant when `variant`'s folder is missing but the other's is there."""
+    other = next(v for v in SSCS_VARIANTS if v != variant)
+    if sscs_variant_present(root, variant) or not sscs_variant_present(root, other):
+        return None
+    return other
 
 
 def sscs_dirs(root: Path, split: str, variant: str) -> tuple[Path, Path]:
@@ -114,34 +140,70 @@ def rgb_to_index(rgb: np.ndarray, path: Path) -> np.ndarray:
 # ---- NEA ------------------------------------------------------------------------------------
 
 
+FRAME_NUMBER = re.compile(r"\d+")
+NO_FRAME_NUMBER = "frame name has no frame number; expected it to start with one, e.g. '12_84.jpg'"
+
+
 def frame_index(name: str) -> int:
-    match = re.match(r"(\d+)", Path(name).stem)
-    return int(match.group(1)) if match else 0
+    """The frame number a NEA file name starts with ('12_84.jpg' -> 12)."""
+    match = FRAME_NUMBER.match(Path(name).stem)
+    if match is None:
+        raise UserError(f"{name}: {NO_FRAME_NUMBER}")
+    return int(match.group())
 
 
-def via_regions(entry: dict, where: str) -> list[tuple[int, tuple[tuple[float, float], ...]]]:
+def _mapping(value: object) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _points(shape: dict) -> tuple[tuple[float, float], ...] | None:
+    """A polygon's points; None unless all_points_x/y are equal-length lists of numbers."""
+    xs, ys = shape.get("all_points_x"), shape.get("all_points_y")
+    if not (isinstance(xs, list) and isinstance(ys, list) and xs and len(xs) == len(ys)):
+        return None
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in xs + ys):
+        return None
+    return tuple(zip(xs, ys, strict=True))
+
+
+def _region(region: object) -> tuple[Polygon | None, list[str]]:
+    """One VIA region as (class, points), or None and what is wrong with it."""
+    fields = _mapping(region)
+    label = _mapping(fields.get("region_attributes")).get("isCorroded")
+    shape = _mapping(fields.get("shape_attributes"))
+    points = _points(shape)
+    problems = []
+    if not isinstance(label, str) or label not in NEA_LABELS:
+        problems.append(f"isCorroded {label!r}, expected one of {sorted(NEA_LABELS)}")
+    if points is None:
+        kind = shape.get("name")
+        only = f" (shape {kind!r}; only polygons are read)" if kind not in (None, "polygon") else ""
+        problems.append(
+            f"expected all_points_x and all_points_y as equal-length lists of numbers{only}"
+        )
+    if problems:
+        return None, problems
+    return (NEA_LABELS[label], points), []
+
+
+def _entry_polygons(entry: dict) -> tuple[list[Polygon], list[str]]:
+    """The drawable regions of one VIA entry, and 'region i: ...' for each region that is not."""
     regions = entry.get("regions", [])
     if isinstance(regions, dict):
         regions = list(regions.values())
-    out = []
+    if not isinstance(regions, list):
+        return [], ["regions: expected a list of VIA regions"]
+    polygons, problems = [], []
     for i, region in enumerate(regions):
-        shape = region.get("shape_attributes", {})
-        xs, ys = shape.get("all_points_x"), shape.get("all_points_y")
-        label = region.get("region_attributes", {}).get("isCorroded")
-        if label not in NEA_LABELS:
-            raise UserError(
-                f"{where} region {i}: isCorroded {label!r}, expected one of {sorted(NEA_LABELS)}"
-            )
-        if not xs or not ys or len(xs) != len(ys):
-            raise UserError(
-                f"{where} region {i}: all_points_x and all_points_y must be equal-length lists"
-            )
-        out.append((NEA_LABELS[label], tuple(zip(xs, ys, strict=True))))
-    return out
+        polygon, reasons = _region(region)
+        problems += [f"region {i}: {r}" for r in reasons]
+        if polygon is not None:
+            polygons.append(polygon)
+    return polygons, problems
 
 
-def read_via(root: Path) -> dict[str, list]:
-    path = root / "res.json"
+def _via_entries(path: Path) -> dict:
+    """res.json's entries (a VIA project or its bare image metadata); UserError if unreadable."""
     if not path.is_file():
         raise UserError(f"NEA annotations not found: expected {path} (VGG Image Annotator json)")
     try:
@@ -152,25 +214,55 @@ def read_via(root: Path) -> dict[str, list]:
         data = data["_via_img_metadata"]
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of VIA entries with 'filename' and 'regions'")
-    out = {}
-    for key, entry in data.items():
-        if not isinstance(entry, dict) or "filename" not in entry:
-            raise UserError(f"{path}: entry {key!r} has no 'filename'")
-        out[entry["filename"]] = via_regions(entry, f"{path} entry {entry['filename']}")
-    return out
+    return data
+
+
+def scan_via(root: Path) -> tuple[dict[str, list[Polygon]], list[Problem]]:
+    """Every listed frame with its drawable polygons, and a Problem for each bad entry or region.
+
+    A UserError only when res.json itself is missing or unreadable.
+    """
+    path = root / "res.json"
+    listed: dict[str, list[Polygon]] = {}
+    problems = []
+    for key, entry in _via_entries(path).items():
+        name = _mapping(entry).get("filename")
+        if not isinstance(name, str) or not name:
+            problems.append(Problem(path, f"entry {key!r} has no 'filename'"))
+        elif name in listed:
+            problems.append(Problem(path, f"entry {key!r}: {name!r} is already listed"))
+        else:
+            listed[name], reasons = _entry_polygons(entry)
+            problems += [Problem(path, f"entry {name!r} {r}") for r in reasons]
+            if not FRAME_NUMBER.match(Path(name).stem):
+                problems.append(Problem(root / name, NO_FRAME_NUMBER))
+    return listed, problems
+
+
+def read_via(root: Path) -> dict[str, list[Polygon]]:
+    """Polygons per frame name; a UserError naming the first problem and how many follow."""
+    listed, problems = scan_via(root)
+    if problems:
+        first, more = problems[0], len(problems) - 1
+        listing = f"`corroprune data check {root} --format nea` lists them all"
+        tail = f"; {more} more: {listing}" if more else ""
+        raise UserError(f"{first.path}: {first.reason}{tail}")
+    return listed
+
+
+def nea_image(root: Path, name: str) -> Path:
+    """A listed frame: in the folder itself, else in its images/ subfolder."""
+    image = root / name
+    return image if image.is_file() else root / "images" / name
 
 
 def nea_items(root: Path, block_size: int) -> list[Item]:
     """Every annotated frame, grouped into blocks of consecutive frames."""
     regions = read_via(root)
-    items = []
-    for name in sorted(regions, key=frame_index):
-        image = root / name
-        if not image.is_file():
-            image = root / "images" / name
-        items.append(Item(image, polygons=tuple(regions[name])))
+    names = sorted(regions, key=frame_index)
     return [
-        Item(it.image, polygons=it.polygons, group=i // block_size) for i, it in enumerate(items)
+        Item(nea_image(root, name), polygons=tuple(regions[name]), group=i // block_size)
+        for i, name in enumerate(names)
     ]
 
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from trainables.config import DataConfig, SynthConfig
-from trainables.data import build_datasets, decoded_root
+from trainables.data import build_datasets, cache_root, decoded_root
 from trainables.data.cache import cache_key, cached, decode
 from trainables.data.dataset import SegmentationDataset
 from trainables.data.formats import Item
@@ -100,3 +100,15 @@ def test_a_dataset_keeps_a_bounded_number_of_maps_open(tmp_path: Path) -> None:
     del image
     assert list(dataset._cache) == [3, 0]
     assert len(os.listdir("/proc/self/fd")) <= fds + 2 * 2
+
+
+def test_a_relative_cache_folder_means_where_the_process_started(
+    tmp_path: Path, monkeypatch
+) -> None:
+    (tmp_path / "trial").mkdir()
+    monkeypatch.chdir(tmp_path / "trial")  # Ray runs a trial in a folder of its own
+    monkeypatch.setenv("CORROPRUNE_CACHE", "cache")
+    monkeypatch.setenv("TUNE_ORIG_WORKING_DIR", str(tmp_path))
+    assert cache_root() == tmp_path / "cache"
+    monkeypatch.setenv("CORROPRUNE_CACHE", "~/corroprune-cache")
+    assert cache_root() == Path.home() / "corroprune-cache"
