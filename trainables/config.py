@@ -45,6 +45,9 @@ class DataConfig:
     sscs_variant: str = "512x512"
     nea_block_size: int = 10  # NEA frames are split into contiguous blocks of this many
     nea_test_fraction: float = 0.2
+    # Blocks on either side of each test or validation block that no split uses, so near-duplicate
+    # frames never sit in two splits (0: splits touch, as before)
+    nea_guard_blocks: int = 1
     num_workers: int = 0
     # Decode (and resize) each image once per machine into $CORROPRUNE_CACHE/decoded, memory-mapped
     # by every loader worker and trial; false: decode on every access.
@@ -325,6 +328,7 @@ def validate(cfg: TrialConfig) -> None:
         "between 0 and 1",
     )
     _check(d.nea_block_size >= 1, "data.nea_block_size", d.nea_block_size, "at least 1")
+    _check(d.nea_guard_blocks >= 0, "data.nea_guard_blocks", d.nea_guard_blocks, "0 or more")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more")
     r = cfg.runtime
     _check(r.latency_repeats >= 0, "runtime.latency_repeats", r.latency_repeats, "0 or more")

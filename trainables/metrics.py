@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -21,7 +22,8 @@ def confusion_matrix(
 
 
 def iou_per_class(cm: torch.Tensor) -> list[float]:
-    """IoU = TP / (TP + FP + FN) per class; NaN for a class absent from both truth and prediction."""
+    """IoU = TP / (TP + FP + FN) per class; NaN for a class absent from both truth and prediction,
+    0 for a class absent from the truth but predicted somewhere."""
     cm = cm.double()
     tp = cm.diag()
     denom = cm.sum(0) + cm.sum(1) - tp
@@ -29,21 +31,43 @@ def iou_per_class(cm: torch.Tensor) -> list[float]:
     return iou.tolist()
 
 
-def nanmean(values: list[float]) -> float:
-    kept = [v for v in values if not math.isnan(v)]
-    return sum(kept) / len(kept) if kept else float("nan")
+def present_classes(cm: torch.Tensor) -> list[int]:
+    """Classes with ground-truth pixels in the split: the classes every mIoU on it averages over.
+
+    They depend on the truth alone, so every model scored on the split (and the all-background
+    baseline) is averaged over the same classes, whatever it predicts."""
+    return torch.nonzero(cm.sum(1) > 0).flatten().tolist()
 
 
-def summarize(cm: torch.Tensor) -> dict[str, float | list[float]]:
-    """mIoU over all classes and over corrosion classes (all but class 0), plus per-class IoU."""
+def mean_over(values: list[float], classes: list[int]) -> float:
+    """Mean of `values` at `classes`; NaN when `classes` is empty."""
+    picked = [values[c] for c in classes]
+    return sum(picked) / len(picked) if picked else math.nan
+
+
+def all_background(cm: torch.Tensor) -> torch.Tensor:
+    """The confusion matrix (C, C) of a model that predicts class 0 for every pixel."""
+    out = torch.zeros_like(cm)
+    out[:, 0] = cm.sum(1)
+    return out
+
+
+def summarize(cm: torch.Tensor) -> dict[str, Any]:
+    """Per-class IoU of every class, and mIoU over the classes present in the split's ground
+    truth (`miou_classes`): over all of them and over the corrosion ones (all but class 0).
+
+    A class absent from the truth is left out of both means for every model: its IoU is 0 when
+    the model predicts it (listed in `iou`, so the false alarm stays visible) and NaN otherwise.
+    `all_background_miou` is the same mean for a model predicting background everywhere."""
     iou = iou_per_class(cm)
-    # Predicting background everywhere: IoU of class 0 is its pixel share, every other class 0.
-    background_share = float(cm[0].sum()) / max(float(cm.sum()), 1.0)
+    classes = present_classes(cm)
+    baseline = iou_per_class(all_background(cm))
     return {
-        "miou": nanmean(iou),
-        "miou_corrosion": nanmean(iou[1:]),
+        "miou": mean_over(iou, classes),
+        "miou_corrosion": mean_over(iou, [c for c in classes if c != 0]),
         "iou": iou,
-        "all_background_miou": background_share / cm.shape[0],
+        "miou_classes": classes,
+        "all_background_miou": mean_over(baseline, classes),
     }
 
 
@@ -61,5 +85,5 @@ class ConfusionMeter:
         pred = logits.argmax(1)  # (N, H, W)
         self.cm += confusion_matrix(pred, target, self.num_classes, self.ignore_index)
 
-    def compute(self) -> dict[str, float | list[float]]:
+    def compute(self) -> dict[str, Any]:
         return summarize(self.cm.cpu())

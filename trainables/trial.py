@@ -332,6 +332,7 @@ class Trial:
             "test_miou_corrosion": test["miou_corrosion"],
             "test_iou": test["iou"],
             "test_all_background_miou": test["all_background_miou"],
+            "test_miou_classes": test["miou_classes"],
         }
 
     def finish(self, pos: Position, wall_time: float) -> dict[str, Any]:

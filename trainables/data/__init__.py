@@ -21,12 +21,14 @@ from trainables.data.formats import (
     CLASS_NAMES,
     Item,
     folder_dirs,
+    guard_blocks,
     nea_items,
     other_sscs_variant,
     paired_items,
     split_blocks,
     sscs_dirs,
     sscs_root,
+    val_blocks,
 )
 from trainables.data.synth import write_synthetic
 from trainables.errors import UserError
@@ -82,7 +84,12 @@ def _require_sscs_variant(root: Path, variant: str) -> None:
 
 
 def split_items(cfg: DataConfig, split: str) -> list[Item]:
-    """The items of the dataset's own train or test split."""
+    """The items of the dataset's own train or test split.
+
+    NEA's test split is every k-th block of frames, the same for every seed; its train split
+    leaves out the `data.nea_guard_blocks` blocks on either side of each test block, which belong
+    to no split.
+    """
     if cfg.root is None and cfg.dataset != "synthetic":
         raise UserError(f"dataset '{cfg.dataset}' needs --data-root (data.root)")
     if cfg.dataset == "synthetic":
@@ -105,20 +112,47 @@ def split_items(cfg: DataConfig, split: str) -> list[Item]:
         _require_sscs_variant(root, cfg.sscs_variant)
         return paired_items(*sscs_dirs(root, split, cfg.sscs_variant))
     items = nea_items(root, cfg.nea_block_size)
-    test_blocks = split_blocks([it.group for it in items], cfg.nea_test_fraction)
-    return [it for it in items if (it.group in test_blocks) == (split == "test")]
+    groups = [it.group for it in items]
+    test = split_blocks(groups, cfg.nea_test_fraction)
+    if split == "test":
+        return [it for it in items if it.group in test]
+    unused = test | guard_blocks(groups, test, cfg.nea_guard_blocks)
+    return [it for it in items if it.group not in unused]
 
 
-def train_val_split(items: list[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
-    """Seeded split by group (single images for most sets, frame blocks for NEA)."""
-    groups = sorted({it.group for it in items})
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(groups))
-    n_val = max(1, round(fraction * len(groups))) if len(groups) > 1 else 0
-    val_groups = {groups[i] for i in order[:n_val]}
-    return [it for it in items if it.group not in val_groups], [
-        it for it in items if it.group in val_groups
-    ]
+def _seeded_groups(groups: list[int], fraction: float, seed: int) -> set[int]:
+    unique = sorted(set(groups))
+    order = np.random.default_rng(seed).permutation(len(unique))
+    n_val = max(1, round(fraction * len(unique))) if len(unique) > 1 else 0
+    return {unique[i] for i in order[:n_val]}
+
+
+def train_val_split(
+    items: list[Item], fraction: float, seed: int, guard: int = 0
+) -> tuple[list[Item], list[Item]]:
+    """Seeded split by group (single images for most sets, frame blocks for NEA).
+
+    With `guard` (NEA's blocks, numbered in video order), validation blocks are taken at ends of
+    runs of consecutive blocks (`val_blocks`), and the `guard` blocks next to them belong to
+    neither split.
+    """
+    groups = [it.group for it in items]
+    if guard:
+        val = val_blocks(groups, fraction, seed, guard)
+    else:
+        val = _seeded_groups(groups, fraction, seed)
+    unused = val | guard_blocks(groups, val, guard)
+    return [it for it in items if it.group not in unused], [it for it in items if it.group in val]
+
+
+def _nea_too_small(cfg: DataConfig, empty: str) -> UserError:
+    return UserError(
+        f"dataset 'nea' ({cfg.root}): no {empty} frames left with "
+        f"data.nea_block_size={cfg.nea_block_size}, data.nea_test_fraction="
+        f"{cfg.nea_test_fraction} and data.nea_guard_blocks={cfg.nea_guard_blocks} (blocks "
+        "left unused on either side of each test and validation block); lower "
+        "data.nea_block_size, data.nea_guard_blocks or data.nea_test_fraction"
+    )
 
 
 def build_datasets(cfg: DataConfig, seed: int, augment: str = "cpu") -> Datasets:
@@ -128,13 +162,16 @@ def build_datasets(cfg: DataConfig, seed: int, augment: str = "cpu") -> Datasets
     uint8 `WarpDataset` items for `WarpBatch.warp` on the training device.
     """
     train_items, test_items = split_items(cfg, "train"), split_items(cfg, "test")
+    guard = cfg.nea_guard_blocks if cfg.dataset == "nea" else 0
+    train, val = train_val_split(train_items, cfg.val_fraction, seed, guard)
+    if cfg.dataset == "nea" and test_items and not (train and val):
+        raise _nea_too_small(cfg, "training" if not train else "validation")
     if not train_items:
         raise UserError(
             f"no training images with masks found for dataset '{cfg.dataset}' ({cfg.root})"
         )
     if not test_items:
         raise UserError(f"no test images with masks found for dataset '{cfg.dataset}' ({cfg.root})")
-    train, val = train_val_split(train_items, cfg.val_fraction, seed)
     n = cfg.classes
     root = synthetic_root(cfg) if cfg.dataset == "synthetic" else Path(cfg.root)
     shared = {"seed": seed, "cache": decoded_root() if cfg.cache else None, "resize": cfg.resize}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -280,7 +282,66 @@ def split_blocks(groups: list[int], fraction: float, offset: int = 0) -> set[int
     unique = sorted(set(groups))
     step = max(round(1 / fraction), 2)
     chosen = {g for i, g in enumerate(unique) if (i - offset) % step == step - 1}
-    return chosen or {unique[-1]}
+    return chosen or set(unique[-1:])
+
+
+def guard_blocks(groups: Iterable[int], chosen: set[int], guard: int) -> set[int]:
+    """The blocks within `guard` blocks (in video order) of a chosen one, not chosen themselves:
+    the gap that keeps near-duplicate frames out of two splits."""
+    near = {c + d for c in chosen for d in range(-guard, guard + 1)}
+    return (near & set(groups)) - chosen
+
+
+def block_runs(blocks: Iterable[int]) -> list[list[int]]:
+    """Maximal runs of consecutive block numbers, in video order."""
+    runs: list[list[int]] = []
+    for block in sorted(set(blocks)):
+        if runs and block == runs[-1][-1] + 1:
+            runs[-1].append(block)
+        else:
+            runs.append([block])
+    return runs
+
+
+def _run_ends(run: list[int], guard: int, whole: bool) -> list[tuple[list[int], list[int]]]:
+    """(validation, unused) choices at the start of `run`: a part followed by `guard` unused
+    blocks and at least one training block, or all of it when `whole`."""
+    parts = [(run[:k], run[k : k + guard]) for k in range(1, len(run) - guard)]
+    return parts + ([(run, [])] if whole else [])
+
+
+def val_blocks(groups: list[int], fraction: float, seed: int, guard: int) -> set[int]:
+    """Validation blocks for about `fraction` of the frames (`groups`: a block per frame), taken
+    at ends of runs of consecutive blocks, in an order drawn from `seed`.
+
+    A whole run costs no frames: between runs lie a test block and its guard blocks (see
+    `split_items`). Part of a run costs the `guard` blocks left unused after it, so it is taken
+    only where that brings the share closer to `fraction` by more than the frames it leaves
+    unused, or where nothing else gives a validation block. Empty when every choice would leave
+    no training block. The caller drops training blocks within `guard` of these (`guard_blocks`).
+    """
+    frames = Counter(groups)
+    target = fraction * len(groups)
+    rng = np.random.default_rng(seed)
+    runs = block_runs(frames)
+    runs = [runs[i] if rng.random() < 0.5 else runs[i][::-1] for i in rng.permutation(len(runs))]
+    chosen: list[int] = []
+
+    def cost(choice: tuple[list[int], list[int]]) -> float:
+        val, unused = choice
+        share = sum(frames[b] for b in chosen + val)
+        return abs(share - target) + sum(frames[b] for b in unused)
+
+    whole = 0  # runs taken whole; at least one run keeps training blocks
+    for run in runs:
+        best = min(_run_ends(run, guard, whole < len(runs) - 1), key=cost, default=None)
+        if best is not None and cost(best) < cost(([], [])):
+            chosen += best[0]
+            whole += best[0] == run
+    if not chosen:
+        ends = [c for run in runs for c in _run_ends(run, guard, len(runs) > 1)]
+        chosen = min(ends, key=cost, default=([], []))[0]
+    return set(chosen)
 
 
 def load_item(item: Item, num_classes: int) -> tuple[np.ndarray, np.ndarray]:

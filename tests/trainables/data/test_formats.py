@@ -122,7 +122,13 @@ def test_nea_polygons_overlap_resolves_to_the_severe_class(tmp_path: Path) -> No
 
 def test_nea_split_keeps_frame_blocks_together(tmp_path: Path) -> None:
     make_nea(tmp_path, frames=40)
-    cfg = DataConfig(dataset="nea", root=str(tmp_path), nea_block_size=5, nea_test_fraction=0.25)
+    cfg = DataConfig(
+        dataset="nea",
+        root=str(tmp_path),
+        nea_block_size=5,
+        nea_test_fraction=0.25,
+        nea_guard_blocks=0,  # every frame in a split; the guard is tested in test_splits.py
+    )
     train, test = split_items(cfg, "train"), split_items(cfg, "test")
     assert len(train) + len(test) == 40 and 0 < len(test) < 40
     assert {it.group for it in train}.isdisjoint({it.group for it in test})
