@@ -31,7 +31,9 @@ MAX_WORKERS = 2  # this machine's share of cluster.yaml's max_workers
 
 def _stop_every_ray() -> None:
     ray.shutdown()
-    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+    subprocess.run(
+        [RAY, "stop", "--force", "--grace-period", "2"], capture_output=True, timeout=120
+    )
 
 
 def simulated_config(cluster_yaml: dict) -> dict:
