@@ -8,12 +8,16 @@ good about 80%, severe the rarest.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from trainables.errors import UserError
 
 # Shares of the corroded area taken by poor-or-worse and by severe (nested quantiles).
 POOR_SHARE = 0.42
@@ -141,28 +145,42 @@ def generate_sample(
     return image, levels
 
 
+def _complete(out: Path, params: dict) -> bool:
+    marker = out / "synthetic.json"
+    return marker.exists() and json.loads(marker.read_text()) == params
+
+
 def write_synthetic(
     out: Path, *, train: int, test: int, size: int, classes: int, seed: int
 ) -> Path:
-    """Write the folder format (split/images, split/masks); a complete identical set is kept."""
+    """Write the folder format (split/images, split/masks); a complete identical set is kept.
+
+    Safe when several processes (the trials of a sweep) write the same set at once: each writes
+    into its own temporary folder and renames it into place; the first complete copy wins.
+    """
     out = Path(out)
     params = {"train": train, "test": test, "size": size, "classes": classes, "seed": seed}
-    marker = out / "synthetic.json"
-    if marker.exists() and json.loads(marker.read_text()) == params:
+    if _complete(out, params):
         return out
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for split, count, split_seed in (("train", train, seed), ("test", test, seed + 10_000)):
-        rng = np.random.default_rng(split_seed)
-        (tmp / split / "images").mkdir(parents=True)
-        (tmp / split / "masks").mkdir(parents=True)
-        for i in range(count):
-            image, mask = generate_sample(rng, size, classes)
-            Image.fromarray(image).save(tmp / split / "images" / f"{i:05d}.png")
-            Image.fromarray(mask, mode="L").save(tmp / split / "masks" / f"{i:05d}.png")
-    (tmp / "synthetic.json").write_text(json.dumps(params))  # written last: marks completeness
-    if out.exists():
-        shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    tmp.chmod(0o755)  # mkdtemp makes 0700; the set is meant to be shared
+    try:
+        for split, count, split_seed in (("train", train, seed), ("test", test, seed + 10_000)):
+            rng = np.random.default_rng(split_seed)
+            (tmp / split / "images").mkdir(parents=True)
+            (tmp / split / "masks").mkdir(parents=True)
+            for i in range(count):
+                image, mask = generate_sample(rng, size, classes)
+                Image.fromarray(image).save(tmp / split / "images" / f"{i:05d}.png")
+                Image.fromarray(mask, mode="L").save(tmp / split / "masks" / f"{i:05d}.png")
+        (tmp / "synthetic.json").write_text(json.dumps(params))  # written last: marks completeness
+        if out.exists() and not _complete(out, params):
+            shutil.rmtree(out, ignore_errors=True)  # another set, or an incomplete one
+        with contextlib.suppress(OSError):  # another writer renamed its copy first
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not _complete(out, params):
+        raise UserError(f"could not write the synthetic set to {out}")
     return out

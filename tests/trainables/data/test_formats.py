@@ -307,3 +307,18 @@ def test_synthetic_config_feeds_the_loader() -> None:
     )
     ds = build_datasets(cfg, seed=0)
     assert len(ds.train) == 4 and len(ds.val) == 1 and len(ds.test) == 2
+
+
+def test_concurrent_trials_generate_one_synthetic_set(tmp_path: Path) -> None:
+    """Trials of a sweep start together and each generates the set it needs: none may destroy
+    another's half-written copy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = tmp_path / "synthetic"
+    params = {"train": 6, "test": 3, "size": 32, "classes": 4, "seed": 0}
+    with ThreadPoolExecutor(4) as pool:
+        roots = list(pool.map(lambda _: write_synthetic(out, **params), range(4)))
+    assert roots == [out] * 4
+    assert json.loads((out / "synthetic.json").read_text()) == params
+    assert len(list((out / "train" / "images").iterdir())) == 6
+    assert [p.name for p in tmp_path.iterdir()] == ["synthetic"]  # no temporary copy left
