@@ -164,7 +164,10 @@ def _cluster_can_add_gpus() -> bool | None:
     bootstrap = Path("~/ray_bootstrap_config.yaml").expanduser()
     if bootstrap.is_file():
         types = (yaml.safe_load(bootstrap.read_text()) or {}).get("available_node_types") or {}
-        return any((t.get("resources") or {}).get("GPU", 0) > 0 for t in types.values())
+        return any(
+            (t.get("resources") or {}).get("GPU", 0) > 0 and t.get("max_workers", 1) != 0
+            for t in types.values()
+        )
     return None if _autoscaler_running() else False
 
 

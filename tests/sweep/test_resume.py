@@ -136,3 +136,25 @@ def test_a_bad_dataset_stops_the_sweep_before_any_trial(tmp_path: Path, capsys) 
     assert "3 bad file(s) listed above; no trial was started" in err and "--skip-data-check" in err
     assert all(str(path) in err for path in bad)
     assert not out.exists()  # nothing written, no Ray started
+
+
+@pytest.mark.parametrize(
+    ("worker", "expected"),
+    [
+        ({"resources": {"CPU": 8, "GPU": 1}, "min_workers": 0, "max_workers": 10}, True),
+        ({"resources": {"CPU": 8, "GPU": 1}, "max_workers": 0}, False),
+        ({"resources": {"CPU": 8}, "max_workers": 10}, False),
+    ],
+)
+def test_a_launcher_clusters_node_types_say_whether_gpus_can_appear(
+    tmp_path: Path, monkeypatch, worker: dict, expected: bool
+) -> None:
+    """On a cluster launcher's head, the autoscaler's own config (as Ray Tune reads it)."""
+    from sweep.tune import _cluster_can_add_gpus
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    nodes = {"head": {"resources": {"CPU": 0}}, "gpu_worker": worker}
+    (tmp_path / "ray_bootstrap_config.yaml").write_text(
+        yaml.safe_dump({"available_node_types": nodes})
+    )
+    assert _cluster_can_add_gpus() is expected
