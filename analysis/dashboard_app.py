@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from dash import Dash, Input, Output, State, ctx, dcc, html
+from dash import Dash, Input, Output, State, dcc, html
 from dash.exceptions import PreventUpdate
 
 from analysis.claims import check_claims
@@ -235,7 +235,7 @@ def layout(run_dir: Path, refresh_s: float) -> html.Div:
             html.H3("Trials"),
             html.Div(id="trials"),
             dcc.Interval(id="tick", interval=int(refresh_s * 1000)),
-            dcc.Store(id="shown"),
+            dcc.Store(id="run-version"),
         ]
     )
 
@@ -265,12 +265,12 @@ def _register_filters(app: Dash, cache: RunCache) -> None:
         Output("filter-dataset", "value"),
         *(Output(f"filter-{f}", "options") for f in FACETS),
         *(Output(f"filter-{f}", "value") for f in FACETS),
-        Input("tick", "n_intervals"),
+        Input("run-version", "data"),
         State("filter-dataset", "value"),
         *(State(f"filter-{f}", "options") for f in FACETS),
         *(State(f"filter-{f}", "value") for f in FACETS),
     )
-    def refresh_filters(_tick, dataset, *state):
+    def refresh_filters(_version, dataset, *state):
         options = facet_options(cache.get()[0])
         old_options, old_values = list(state[: len(FACETS)]), list(state[len(FACETS) :])
         new = updated_filters(options, dataset, old_options, old_values)
@@ -281,33 +281,38 @@ def _register_filters(app: Dash, cache: RunCache) -> None:
         return datasets, new[0], *new[1], *new[2]
 
 
+def _register_poll(app: Dash, cache: RunCache) -> None:
+    """The only callback on the timer, and a cheap one: it moves `run-version` when RUN_DIR
+    changed. Rendering on every tick instead never finishes once a render takes longer than the
+    tick (Dash drops a response that a newer request for the same outputs overtook)."""
+
+    @app.callback(
+        Output("run-version", "data"),
+        Input("tick", "n_intervals"),
+        State("run-version", "data"),
+    )
+    def poll(_tick, seen):
+        cache.get()
+        if cache.version == seen:
+            raise PreventUpdate
+        return cache.version
+
+
 def _register_view(app: Dash, cache: RunCache) -> None:
     @app.callback(
-        Output("shown", "data"),
         Output("status", "children"),
         Output("missing", "children"),
         Output("claims", "children"),
         Output("trials", "children"),
         *(Output(f"fig-{key}", "figure") for key, _ in FIGURE_SECTIONS),
-        Input("tick", "n_intervals"),
+        Input("run-version", "data"),
         Input("filter-dataset", "value"),
         *(Input(f"filter-{f}", "value") for f in FACETS),
-        State("shown", "data"),
     )
-    def refresh_view(_tick, dataset, models, pruners, granularities, sparsities, shown):
-        cache.get()
-        # What the page shows: the run's version and the filters it was drawn for. A tick that
-        # overtakes a slow filter render must not swallow it (Dash keeps the newest response).
-        now = {
-            "version": cache.version,
-            "filters": [dataset, models, pruners, granularities, sparsities],
-        }
-        if ctx.triggered_id == "tick" and shown == now:
-            raise PreventUpdate  # nothing changed: keep the page (and its zoom) as it is
+    def refresh_view(_version, dataset, models, pruners, granularities, sparsities):
         out = view(cache, dataset, models, pruners, sparsities, granularities or [])
         figures = (out[key] for key, _ in FIGURE_SECTIONS)
-        status = (out["status"], out["missing"], out["claims"], out["trials"])
-        return now, *status, *figures
+        return out["status"], out["missing"], out["claims"], out["trials"], *figures
 
 
 def create_app(run_dir: Path, refresh_s: float = 10.0) -> Dash:
@@ -316,6 +321,7 @@ def create_app(run_dir: Path, refresh_s: float = 10.0) -> Dash:
     app = Dash(__name__, title="corroprune dashboard", serve_locally=True)
     app.layout = layout(run_dir, refresh_s)
     app.index_string = INDEX.replace("/*STYLE*/", STYLE)
+    _register_poll(app, cache)
     _register_filters(app, cache)
     _register_view(app, cache)
     return app

@@ -129,6 +129,22 @@ def test_view_rereads_the_run_when_it_changes(own_run_dir: Path) -> None:
     assert "linknet agp" in [t.name for t in out["sparsity"].data]
 
 
+def test_only_a_cheap_poll_listens_to_the_timer(fake_run_dir: Path) -> None:
+    """A render on every tick never lands once a render takes longer than the tick (each newer
+    request makes Dash drop the older one): the timer may only move the run's version."""
+    app = create_app(fake_run_dir, refresh_s=1.0)
+    on_tick = [
+        key
+        for key, callback in app.callback_map.items()
+        if any(i["id"] == "tick" for i in callback["inputs"])
+    ]
+    assert on_tick == ["run-version.data"]
+    rendering = [key for key in app.callback_map if "status.children" in key]
+    assert len(rendering) == 1
+    inputs = {i["id"] for i in app.callback_map[rendering[0]]["inputs"]}
+    assert "run-version" in inputs and "tick" not in inputs
+
+
 def test_updated_filters_tick_new_values_and_keep_unticked_ones() -> None:
     options = {
         "dataset": ["nea"],
