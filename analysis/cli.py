@@ -17,6 +17,18 @@ def add_report_commands(sub: argparse._SubParsersAction) -> None:
     )
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     report.add_argument("--out", type=Path, help="output folder (default RUN_DIR/report)")
+    report.add_argument(
+        "--measure-latency",
+        action="store_true",
+        help="first time each distinct deployable architecture alone in this process (CPU, "
+        "batch 1) into RUN_DIR/latency.json, which the report's latency then comes from",
+    )
+    report.add_argument(
+        "--threads", type=int, help="torch threads for --measure-latency (default min(4, cores))"
+    )
+    report.add_argument(
+        "--repeats", type=int, help="timed runs per architecture for --measure-latency (default 20)"
+    )
     report.set_defaults(func=cmd_report)
 
     dash = sub.add_parser("dashboard", help="a live dashboard that refreshes while a sweep runs")
@@ -35,10 +47,26 @@ def check_run_dir(run_dir: Path) -> Path:
     return run_dir
 
 
+def measure_latency(run_dir: Path, threads: int | None, repeats: int | None) -> None:
+    """`report --measure-latency`: RUN_DIR/latency.json, one line per architecture as it goes."""
+    from analysis.latency import DEFAULT_REPEATS, measure_run_latency
+
+    def echo(line: str) -> None:
+        print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout, flush=True)
+
+    repeats = DEFAULT_REPEATS if repeats is None else repeats
+    measure_run_latency(run_dir, threads=threads, repeats=repeats, echo=echo)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from analysis.report import build_report
 
-    summary = build_report(check_run_dir(args.run_dir), args.out)
+    run_dir = check_run_dir(args.run_dir)
+    if args.measure_latency:
+        measure_latency(run_dir, args.threads, args.repeats)
+    elif args.threads is not None or args.repeats is not None:
+        raise UserError("--threads and --repeats only apply with --measure-latency")
+    summary = build_report(run_dir, args.out)
     print(summary["counts"])
     for note in summary["missing"]:
         print(f"  missing: {note}")

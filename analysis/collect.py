@@ -13,15 +13,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from analysis.latency import apply_measured_latency
+from sweep.identity import CHANNEL, DENSE, ELEMENT, TrialId, sweep_grid, trial_id
+
 STATUSES = ("finished", "errored", "running")
-DENSE = "none"  # the pruner value of dense (unpruned) trials
-ELEMENT, CHANNEL = "element", "channel"  # pruning granularities; dense trials have DENSE
 GRANULARITY_ORDER = (ELEMENT, CHANNEL)
-# `<dataset>-<model>-dense`, `<dataset>-<model>-<pruner>-s<s>`, `<dataset>-<model>-<pruner>-channel-s<s>`
-_NAME = re.compile(
-    r"^(?P<dataset>.+)-(?P<model>[^-]+)-(?:dense|(?P<pruner>(?!(?:channel|element)-s)[^-]+)"
-    r"(?:-(?P<granularity>channel|element))?-s(?P<sparsity>[0-9.]+))$"
-)
 # final.json's `inference` block -> results columns (absent in runs made before it existed: NaN)
 INFERENCE_COLUMNS = {
     "params": "params_deploy",
@@ -90,47 +86,16 @@ def column_name(class_name: str) -> str:
     return re.sub(r"[^0-9a-z]+", "_", str(class_name).lower()).strip("_") or "class"
 
 
-def parse_trial_name(name: str) -> dict[str, Any]:
-    """Facets from a trial name like `sscs-fpn-agp-s0.9`, `sscs-fpn-agp-channel-s0.9` or
-    `nea-unet-dense` (used without config)."""
-    match = _NAME.match(name)
-    if not match:
-        return {}
-    pruner = match["pruner"] or DENSE
-    return {
-        "dataset": match["dataset"],
-        "model": match["model"],
-        "pruner": pruner,
-        "granularity": DENSE if pruner == DENSE else match["granularity"] or ELEMENT,
-        "target_sparsity": float(match["sparsity"]) if match["sparsity"] else 0.0,
-    }
-
-
 def _facets(name: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Dataset, model, encoder, pruner, granularity and target sparsity: config first, name second.
+    """The trial's identity columns (sweep.identity): its config first, its folder name second.
 
     Dense trials get granularity DENSE ("none"): they are the reference of every granularity.
+    A folder from before the seed axis (no `-seed<n>`, no seed in its config) is seed 0.
     """
-    facets = {"dataset": None, "model": None, "pruner": DENSE, "target_sparsity": 0.0}
-    facets.update(parse_trial_name(name))
-    data, model, pruning = (config.get(k) or {} for k in ("data", "model", "pruning"))
-    if data.get("dataset"):
-        facets["dataset"] = data["dataset"]
-    if model.get("arch"):
-        facets["model"] = model["arch"]
-    facets["encoder"] = model.get("encoder")
-    if pruning.get("pruner"):
-        facets["pruner"] = pruning["pruner"]
-    if pruning.get("granularity"):
-        facets["granularity"] = pruning["granularity"]
-    if facets["pruner"] == DENSE:
-        facets["target_sparsity"] = 0.0
-        facets["granularity"] = DENSE
-    elif pruning.get("sparsity") is not None:
-        facets["target_sparsity"] = float(pruning["sparsity"])
-    facets.setdefault("granularity", ELEMENT)
-    facets["seed"] = config.get("seed")
-    return facets
+    identity = trial_id(name, config)
+    if identity is None:
+        return {**TrialId("", "").columns(), "dataset": None, "model": None}
+    return identity.columns()
 
 
 def _error_line(trial_dir: Path) -> str | None:
@@ -243,7 +208,7 @@ def results_table(run_dir: Path) -> tuple[pd.DataFrame, dict[str, list[str]]]:
     frame = pd.DataFrame(rows, columns=RESULT_COLUMNS + class_cols)
     dense_first = frame.assign(_pruned=frame["pruner"] != DENSE)
     order = dense_first.sort_values(
-        ["dataset", "model", "_pruned", "granularity", "pruner", "target_sparsity"],
+        ["dataset", "model", "_pruned", "granularity", "pruner", "target_sparsity", "seed"],
         key=lambda c: c.map({ELEMENT: 0, CHANNEL: 1}).fillna(2) if c.name == "granularity" else c,
     )
     return frame.loc[order.index].reset_index(drop=True), class_names
@@ -258,7 +223,7 @@ def curves_table(
     `scheduled_sparsity`; `target_sparsity` is the trial's final target, as in the results table.
     """
     frames = []
-    columns = ["dataset", "model", "pruner", "granularity", "target_sparsity", "status"]
+    columns = ["dataset", "model", "pruner", "granularity", "target_sparsity", "seed", "status"]
     facets = results.set_index("trial")[columns]
     for trial_dir in trial_dirs(run_dir):
         records = read_jsonl(trial_dir / "metrics.jsonl")
@@ -289,6 +254,7 @@ def load_run(run_dir: Path) -> Run:
     """Results and curves tables plus the sweep file and sweep status, whatever state the run is in."""
     run_dir = Path(run_dir)
     results, class_names = results_table(run_dir)
+    results = apply_measured_latency(results, run_dir)  # latency.json, else dense figures
     curves = curves_table(run_dir, results, class_names)
     return Run(
         run_dir=run_dir,
@@ -300,22 +266,17 @@ def load_run(run_dir: Path) -> Run:
     )
 
 
-def expected_trials(sweep: dict[str, Any]) -> list[str]:
-    """Trial names the sweep file's grid asks for (same naming as sweep.grid).
+def expected_trials(sweep: dict[str, Any]) -> list[TrialId]:
+    """The trials the sweep file's grid asks for (the same grid as sweep.grid)."""
+    return sweep_grid(sweep)
 
-    A grid without `granularities` is element-wise only, as every sweep before channel pruning.
-    """
-    grid = sweep.get("sweep") or {}
-    names = []
-    for dataset in grid.get("datasets") or []:
-        for model in grid.get("models") or []:
-            names.append(f"{dataset}-{model}-dense")
-            for granularity in grid.get("granularities") or [ELEMENT]:
-                infix = "" if granularity == ELEMENT else f"-{granularity}"
-                for pruner in grid.get("pruners") or []:
-                    for sparsity in grid.get("sparsities") or []:
-                        names.append(f"{dataset}-{model}-{pruner}{infix}-s{float(sparsity):g}")
-    return names
+
+def _identity_key(name: str) -> TrialId | None:
+    """A folder name's identity without the encoder (names do not carry it)."""
+    try:
+        return TrialId.from_name(name)
+    except ValueError:
+        return None
 
 
 def missing_notes(run: Run) -> list[str]:
@@ -333,8 +294,8 @@ def missing_notes(run: Run) -> list[str]:
     dropped = set(run.status.get("dropped_combinations") or [])
     if dropped:
         notes.append(f"dropped with their base model: {', '.join(sorted(dropped))}")
-    present = set(results["trial"]) | dropped
-    unstarted = [name for name in expected_trials(run.sweep) if name not in present]
+    present = {_identity_key(name) for name in set(results["trial"]) | dropped}
+    unstarted = [i.name for i in expected_trials(run.sweep) if i not in present]
     if unstarted:
         notes.append(f"not started yet ({len(unstarted)}): {', '.join(unstarted)}")
     return notes

@@ -40,7 +40,7 @@ INDEX = """<!DOCTYPE html>
 </style></head>
 <body>{%app_entry%}<footer>{%config%}{%scripts%}{%renderer%}</footer></body></html>
 """
-FACETS = ("model", "pruner", "granularity", "sparsity")  # checklists; the dataset is a radio
+FACETS = ("model", "pruner", "granularity", "sparsity", "seed")  # checklists; dataset: a radio
 _WATCHED = ("metrics.jsonl", "final.json", "error.txt", "examples.npz", "config.yaml")
 
 
@@ -89,9 +89,10 @@ def filter_run(
     pruners: list[str],
     sparsities: list[float],
     granularities: list[str] | None = None,
+    seeds: list[int] | None = None,
 ) -> Run:
-    """Keep the chosen models, pruners, sparsities and granularities (None: all); dense trials
-    stay as the reference."""
+    """Keep the chosen models, pruners, sparsities, granularities and seeds (None: all); dense
+    trials of the chosen models and seeds stay as the reference."""
 
     def keep(frame: pd.DataFrame) -> pd.DataFrame:
         if frame.empty:
@@ -103,7 +104,10 @@ def filter_run(
         )
         if granularities is not None:
             chosen &= frame["granularity"].isin(granularities)
-        return frame[frame["model"].isin(models) & (dense | chosen)]
+        kept = frame["model"].isin(models) & (dense | chosen)
+        if seeds is not None and "seed" in frame:
+            kept &= frame["seed"].isin(seeds)
+        return frame[kept]
 
     return replace(run, results=keep(run.results), curves=keep(run.curves))
 
@@ -117,15 +121,23 @@ def facet_options(run: Run) -> dict[str, list]:
         "pruner": ordered(pruned["pruner"].dropna(), PRUNER_ORDER),
         "granularity": ordered(pruned["granularity"].dropna(), GRANULARITY_ORDER),
         "sparsity": sorted(float(s) for s in pruned["target_sparsity"].dropna().unique()),
+        "seed": sorted(int(s) for s in results["seed"].dropna().unique()),
     }
 
 
 def _claims_table(run: Run, dataset: str) -> html.Table:
     claims = [c for c in check_claims(run.results, run.curves) if c.dataset == dataset]
-    head = html.Tr([html.Th(t) for t in ("claim", "dataset", "verdict", "numbers that decided it")])
+    titles = ("claim", "dataset", "verdict", "seeds", "numbers that decided it")
+    head = html.Tr([html.Th(t) for t in titles])
     rows = [
         html.Tr(
-            [html.Td(c.claim), html.Td(c.dataset), html.Td(html.B(c.verdict)), html.Td(c.evidence)],
+            [
+                html.Td(c.claim),
+                html.Td(c.dataset),
+                html.Td(html.B(c.verdict)),
+                html.Td(c.n or ""),
+                html.Td(c.evidence),
+            ],
             className=f"verdict-{c.verdict.replace(' ', '-')}",
         )
         for c in claims
@@ -173,6 +185,7 @@ def view(
     pruners: list[str] | None,
     sparsities: list[float] | None,
     granularities: list[str] | None = None,
+    seeds: list[int] | None = None,
 ) -> dict[str, Any]:
     """Everything the page shows for the current filters: figures, trials, counts, missing notes,
     claims. `granularities` None shows every granularity."""
@@ -183,7 +196,7 @@ def view(
         "missing": [html.Li(n) for n in notes] or [html.Li("nothing missing")],
         "claims": _claims_table(run, dataset) if dataset else html.P("no trials yet"),
     }
-    shown = filter_run(run, models or [], pruners or [], sparsities or [], granularities)
+    shown = filter_run(run, models or [], pruners or [], sparsities or [], granularities, seeds)
     out["trials"] = _trials_table(shown, dataset) if dataset else html.P("no trials yet")
     variant = _show(pruners or [], sparsities or [], granularities)
     figures = (
@@ -309,8 +322,8 @@ def _register_view(app: Dash, cache: RunCache) -> None:
         Input("filter-dataset", "value"),
         *(Input(f"filter-{f}", "value") for f in FACETS),
     )
-    def refresh_view(_version, dataset, models, pruners, granularities, sparsities):
-        out = view(cache, dataset, models, pruners, sparsities, granularities or [])
+    def refresh_view(_version, dataset, models, pruners, granularities, sparsities, seeds):
+        out = view(cache, dataset, models, pruners, sparsities, granularities or [], seeds or [])
         figures = (out[key] for key, _ in FIGURE_SECTIONS)
         return out["status"], out["missing"], out["claims"], out["trials"], *figures
 

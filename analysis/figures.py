@@ -18,6 +18,8 @@ from plotly.subplots import make_subplots
 
 from analysis.collect import CHANNEL, DENSE, ELEMENT, GRANULARITY_ORDER, column_name
 from analysis.images import IGNORE_RGB, PALETTE, PALETTE_NAMES, colorize, downscale, png_data_uri
+from analysis.latency import MEASURE_HINT, latency_note
+from analysis.stats import by_combination
 
 MODEL_ORDER = ("unet", "unetplusplus", "fpn", "linknet", "manet")
 PRUNER_ORDER = ("lp", "agp", "mp", "magnitude")
@@ -206,55 +208,76 @@ def pruning_figure(curves: pd.DataFrame, dataset: str) -> go.Figure:
     return fig
 
 
-def dense_reference(results: pd.DataFrame, dataset: str, column: str = "test_miou") -> pd.Series:
-    """Per model, the dense test score: its dense trial, else the pruned trials' copy of it."""
+def dense_reference(results: pd.DataFrame, dataset: str, column: str = "test_miou") -> pd.DataFrame:
+    """Per model, the dense test score over its seeds (`mean`, interval half-width `err`, `n`):
+    its dense trials, else the pruned trials' copies of it."""
     rows = results[(results["dataset"] == dataset) & (results["status"] == "finished")]
-    dense = rows[rows["pruner"] == DENSE].groupby("model")[column].first()
-    if f"dense_{column}" not in rows:
-        return dense.dropna()
-    fallback = rows.groupby("model")[f"dense_{column}"].median()
-    return dense.combine_first(fallback).dropna()
+    dense = rows[rows["pruner"] == DENSE].dropna(subset=[column])
+    source = column
+    if f"dense_{column}" in rows:  # a model whose dense trial is missing: its trials' copies
+        copies = rows[~rows["model"].isin(dense["model"])].dropna(subset=[f"dense_{column}"])
+        per_seed = copies.drop_duplicates(["model", "seed"]) if "seed" in copies else copies
+        dense = pd.concat([dense, per_seed.assign(**{column: per_seed[f"dense_{column}"]})])
+    if dense.empty:
+        return pd.DataFrame(columns=["mean", "err", "n"])
+    grouped = by_combination(dense, source, ["model"]).set_index("model")
+    return grouped.rename(columns={source: "mean"})[["mean", "err", "n"]]
+
+
+def _error_bars(err: pd.Series | list) -> dict | None:
+    """Plotly error bars of the 95% intervals; None when no point has one (one seed each)."""
+    err = pd.Series(err, dtype=float)
+    if not err.notna().any():
+        return None
+    return {"type": "data", "array": err.tolist(), "visible": True, "thickness": 1}
 
 
 def _sparsity_traces(
     results: pd.DataFrame, dataset: str, column: str, showlegend: bool
 ) -> list[go.Scatter]:
-    """One line per model, pruner and granularity from the dense point at 0 to each sparsity."""
+    """One line per model, pruner and granularity from the dense point at 0 to each sparsity;
+    with several seeds, each point is their mean with its 95% interval as an error bar."""
     rows = results[(results["dataset"] == dataset) & (results["status"] == "finished")]
     rows = with_granularity(rows)
-    pruned = rows[rows["pruner"] != DENSE]
+    pruned = rows[rows["pruner"] != DENSE].dropna(subset=[column])
     models = ordered(rows["model"], MODEL_ORDER)
     reference = dense_reference(results, dataset, column)
+    keys = ["model", "pruner", "granularity", "target_sparsity"]
+    points = by_combination(pruned, column, keys)
     traces = []
     for model in models:
         colour = model_colour(model, models)
-        if model in reference:
+        if model in reference.index:
+            ref = reference.loc[model]
             traces.append(
                 go.Scatter(
                     x=[0.0],
-                    y=[reference[model]],
+                    y=[ref["mean"]],
+                    error_y=_error_bars([ref["err"]]),
                     mode="markers",
                     name=f"{model} dense",
                     legendgroup=model,
                     showlegend=showlegend,
                     marker={"color": colour, "symbol": "star", "size": 12},
                     meta=_meta(dataset, model=model, reference=True),
+                    customdata=[int(ref["n"])],
+                    hovertemplate="dense: %{y:.3f} (n=%{customdata})<extra>%{fullData.name}</extra>",
                 )
             )
-        for pruner, granularity in _series(pruned[pruned["model"] == model]):
-            part = pruned[
-                (pruned["model"] == model)
-                & (pruned["pruner"] == pruner)
-                & (pruned["granularity"] == granularity)
-            ]
+        mine = points[points["model"] == model] if not points.empty else points
+        for pruner, granularity in _series(mine):
+            part = mine[(mine["pruner"] == pruner) & (mine["granularity"] == granularity)]
             part = part.sort_values("target_sparsity")
             x, y = part["target_sparsity"].tolist(), part[column].tolist()
-            if model in reference:
-                x, y = [0.0, *x], [reference[model], *y]
+            err, n = part["err"].tolist(), part["n"].astype(int).tolist()
+            if model in reference.index:
+                ref = reference.loc[model]
+                x, y, err, n = [0.0, *x], [ref["mean"], *y], [ref["err"], *err], [int(ref["n"]), *n]
             traces.append(
                 go.Scatter(
                     x=x,
                     y=y,
+                    error_y=_error_bars(err),
                     mode="lines+markers",
                     name=f"{model} {series_name(pruner, granularity)}",
                     legendgroup=model,
@@ -262,6 +285,8 @@ def _sparsity_traces(
                     line={"color": colour, "dash": DASHES.get(pruner, "solid")},
                     marker={"symbol": _symbol(pruner, granularity)},
                     meta=_meta(dataset, model=model, pruner=pruner, granularity=granularity),
+                    customdata=n,
+                    hovertemplate="s%{x:g}: %{y:.3f} (n=%{customdata})<extra>%{fullData.name}</extra>",
                 )
             )
     return traces
@@ -280,13 +305,25 @@ def sparsity_figure(results: pd.DataFrame, dataset: str) -> go.Figure:
     fig = go.Figure(_sparsity_traces(results, dataset, "test_miou", showlegend=True))
     number = figure_number(dataset, {"sscs": "7", "nea": "8"})
     fig.update_layout(
-        title=f"Test mIoU against sparsity, {dataset} ({number}; star = dense model)",
+        title=f"Test mIoU against sparsity, {dataset} ({number}; star = dense model)"
+        + _seeds_note(results, dataset),
         legend_title_text="model pruner",
         showlegend=True,
     )
     fig.update_xaxes(title_text="target sparsity", range=[-0.03, 1.0])
     fig.update_yaxes(title_text="test mIoU")
     return fig
+
+
+def _seeds_note(results: pd.DataFrame, dataset: str) -> str:
+    """The subtitle saying what a point is when the run has several seeds."""
+    if "seed" not in results:
+        return ""
+    rows = results[(results["dataset"] == dataset) & (results["status"] == "finished")]
+    seeds = rows["seed"].dropna().nunique()
+    if seeds < 2:
+        return ""
+    return f"<br><sup>each point: the mean over up to {seeds} seeds; bars: 95% t-interval</sup>"
 
 
 def per_class_figure(results: pd.DataFrame, dataset: str, class_names: list[str]) -> go.Figure:
@@ -301,7 +338,8 @@ def per_class_figure(results: pd.DataFrame, dataset: str, class_names: list[str]
             fig.add_trace(trace, row=1, col=col)
         fig.update_xaxes(title_text="target sparsity", range=[-0.05, 1.0], row=1, col=col)
     fig.update_yaxes(title_text="test IoU", row=1, col=1)
-    fig.update_layout(title=f"Per-class test IoU against sparsity, {dataset}", showlegend=True)
+    title = f"Per-class test IoU against sparsity, {dataset}" + _seeds_note(results, dataset)
+    fig.update_layout(title=title, showlegend=True)
     return fig
 
 
@@ -459,7 +497,7 @@ LATENCY = Cost(
     what="latency",
     hover="%{x:.1f} ms",
     missing="no latency measured yet: no finished trial's final.json has inference.latency_ms "
-    "(a run from before the inference benchmark, or latency not measured)",
+    f"(a run from before the inference benchmark, or latency not measured); {MEASURE_HINT}",
     front_by="latency_device",
 )
 SIZE = Cost(
@@ -499,10 +537,12 @@ def _pareto_points(points: pd.DataFrame, cost: Cost, dataset: str) -> list[go.Sc
             if part.empty:
                 continue
             facets = {"reference": True} if pruner == DENSE else {"pruner": pruner}
+            n = part["n"] if "n" in part else pd.Series(1, index=part.index)
             traces.append(
                 go.Scatter(
                     x=part[cost.column],
                     y=part["test_miou"],
+                    error_y=_error_bars(part["err"]) if "err" in part else None,
                     mode="markers",
                     name=f"{model} {series_name(pruner, granularity)}",
                     legendgroup=model,
@@ -513,7 +553,11 @@ def _pareto_points(points: pd.DataFrame, cost: Cost, dataset: str) -> list[go.Sc
                         "line": {"width": 1.5, "color": model_colour(model, models)},
                     },
                     text=part["trial"],
-                    hovertemplate=f"%{{text}}<br>{cost.hover}, test mIoU %{{y:.3f}}<extra></extra>",
+                    customdata=n.astype(int),
+                    hovertemplate=(
+                        f"%{{text}}<br>{cost.hover}, test mIoU %{{y:.3f}} (n=%{{customdata}})"
+                        "<extra></extra>"
+                    ),
                     meta=_meta(dataset, model=model, granularity=granularity, **facets),
                 )
             )
@@ -525,9 +569,15 @@ def pareto_figure(results: pd.DataFrame, dataset: str, cost: Cost) -> go.Figure:
     rows = results[(results["dataset"] == dataset) & (results["status"] == "finished")]
     rows = with_granularity(rows)
     has = rows[cost.column].notna() if cost.column in rows else pd.Series(False, index=rows.index)
-    points = rows[has & rows["test_miou"].notna()]
-    legend = "; open markers = channel pruning" if (points["granularity"] == CHANNEL).any() else ""
+    trials = rows[has & rows["test_miou"].notna()]
+    keys = ["model", "pruner", "granularity", "target_sparsity"]
+    if cost.front_by and cost.front_by in trials:
+        trials = trials.assign(**{cost.front_by: trials[cost.front_by].fillna("unknown")})
+        keys.append(cost.front_by)
+    points = by_combination(trials, "test_miou", keys) if not trials.empty else trials
+    legend = "; open markers = channel pruning" if (trials["granularity"] == CHANNEL).any() else ""
     title = f"Test mIoU against {cost.what}, {dataset} (line: Pareto front{legend})"
+    title += _seeds_note(results, dataset)
     fig = go.Figure(_pareto_points(points, cost, dataset))
     groups = (
         points.groupby(points[cost.front_by].fillna("unknown"), sort=True)
@@ -542,8 +592,8 @@ def pareto_figure(results: pd.DataFrame, dataset: str, cost: Cost) -> go.Figure:
         fig.add_annotation(
             text=cost.missing, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5
         )
-    elif len(points) < len(rows):
-        left_out = len(rows) - len(points)
+    elif len(trials) < len(rows):
+        left_out = len(rows) - len(trials)
         plural = "trial has" if left_out == 1 else "trials have"
         title += f"<br><sup>{left_out} finished {plural} no {cost.what}: not shown</sup>"
     fig.update_layout(title=title, legend_title_text="model pruner", showlegend=True)
@@ -553,7 +603,8 @@ def pareto_figure(results: pd.DataFrame, dataset: str, cost: Cost) -> go.Figure:
 
 
 def latency_pareto_figure(results: pd.DataFrame, dataset: str) -> go.Figure:
-    """Test mIoU against median batch-1 latency; one front per latency device when they differ."""
+    """Test mIoU against median batch-1 latency; one front per latency device when they differ,
+    and a subtitle saying where the latency was measured (alone, or in-trial beside other trials)."""
     rows = results[(results["dataset"] == dataset) & (results["status"] == "finished")]
     devices = []
     if {"latency_ms", "latency_device"} <= set(rows.columns):
@@ -563,7 +614,11 @@ def latency_pareto_figure(results: pd.DataFrame, dataset: str) -> go.Figure:
     if devices:
         where = ", ".join(devices) + ("" if len(devices) == 1 else ": one front per device")
         cost = replace(LATENCY, axis_title=f"median batch-1 latency (ms, {where})")
-    return pareto_figure(results, dataset, cost)
+    fig = pareto_figure(results, dataset, cost)
+    note = latency_note(rows)
+    if note:
+        fig.update_layout(title=f"{fig.layout.title.text}<br><sup>{note}</sup>")
+    return fig
 
 
 def size_pareto_figure(results: pd.DataFrame, dataset: str) -> go.Figure:

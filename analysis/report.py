@@ -39,6 +39,7 @@ from analysis.figures import (
     training_figure,
     with_granularity,
 )
+from analysis.stats import summarize
 
 FIGURE_SECTIONS = (
     ("labels", "Label distribution"),
@@ -95,9 +96,11 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
 
 
 def write_tables(run: Run, out: Path) -> list[Path]:
-    """results and curves as parquet and CSV twins."""
+    """results (one row per trial), curves (per epoch) and summary (one row per combination over
+    its seeds, with intervals: analysis.stats) as parquet and CSV twins."""
     written = []
-    for name, frame in (("results", run.results), ("curves", run.curves)):
+    tables = (("results", run.results), ("curves", run.curves), ("summary", summarize(run.results)))
+    for name, frame in tables:
         written.append(
             atomic_write(out / f"{name}.parquet", lambda p, f=frame: f.to_parquet(p, index=False))
         )
@@ -170,11 +173,14 @@ def _claims_html(claims: list[Claim]) -> str:
     rows = "".join(
         f'<tr class="verdict-{c.verdict.replace(" ", "-")}" data-dataset="{html.escape(c.dataset)}">'
         f"<td>{html.escape(c.claim)}</td><td>{html.escape(c.dataset)}</td>"
-        f"<td><b>{c.verdict}</b></td><td>{html.escape(c.evidence)}"
+        f"<td><b>{c.verdict}</b></td><td>{c.n or ''}</td><td>{html.escape(c.evidence)}"
         f'<div class="definition">{html.escape(c.definition)}</div></td></tr>'
         for c in claims
     )
-    head = "<tr><th>claim</th><th>dataset</th><th>verdict</th><th>numbers that decided it</th></tr>"
+    head = (
+        "<tr><th>claim</th><th>dataset</th><th>verdict</th><th>seeds</th>"
+        "<th>numbers that decided it (95% intervals over seeds)</th></tr>"
+    )
     return f'<table id="claims">{head}{rows}</table>'
 
 
@@ -212,6 +218,56 @@ def _results_html(results: pd.DataFrame, dataset: str, class_names: list[str]) -
     return f'<table class="results"><tr>{head}</tr>{"".join(body)}</table>'
 
 
+def _interval(row: dict[str, Any], column: str, fmt: str = "{:.3f}") -> str:
+    mean, low, high = (row.get(f"{column}_{k}") for k in ("mean", "ci_low", "ci_high"))
+    if mean is None or pd.isna(mean):
+        return ""
+    if low is None or pd.isna(low):
+        return fmt.format(mean)
+    return f"{fmt.format(mean)} [{fmt.format(low)}, {fmt.format(high)}]"
+
+
+def _summary_html(summary: pd.DataFrame, dataset: str) -> str:
+    """The per-combination table with intervals; empty when no combination has two seeds."""
+    if summary.empty or summary["n"].max() < 2:
+        return ""
+    rows = summary[summary["dataset"] == dataset]
+    head = "".join(
+        f"<th>{t}</th>"
+        for t in (
+            "model",
+            "pruner",
+            "granularity",
+            "target",
+            "seeds",
+            "test mIoU",
+            "drop",
+            "rel. drop",
+        )
+    )
+    body = []
+    for row in rows.to_dict("records"):
+        cells = [
+            row["model"], row["pruner"], row["granularity"], f"{row['target_sparsity']:g}",
+            f"{row['n']} ({row['seeds']})", _interval(row, "test_miou"),
+            _interval(row, "iou_drop"), _interval(row, "iou_drop_rel", "{:.1%}"),
+        ]  # fmt: skip
+        facets = " ".join(
+            f'data-{k}="{html.escape(str(v))}"'
+            for k, v in (
+                ("dataset", row["dataset"]),
+                ("model", row["model"]),
+                ("pruner", row["pruner"]),
+                ("granularity", row["granularity"]),
+                ("sparsity", row["target_sparsity"]),
+            )
+        )
+        body.append(
+            f"<tr {facets}>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"
+        )
+    return f'<table class="results summary"><tr>{head}</tr>{"".join(body)}</table>'
+
+
 def _figure_html(fig: go.Figure, div_id: str) -> str:
     config = {"responsive": True, "displaylogo": False}
     return pio.to_html(fig, full_html=False, include_plotlyjs=False, div_id=div_id, config=config)
@@ -224,6 +280,7 @@ def dashboard_html(run: Run) -> str:
     example = examples(run)
     claims = check_claims(results, run.curves)
     notes = missing_notes(run)
+    summary = summarize(results)
     sections = []
     for dataset in ordered(results["dataset"].dropna(), ("sscs", "nea")):
         figures = dataset_figures(run, dataset, dist, example.get(dataset))
@@ -231,6 +288,10 @@ def dashboard_html(run: Run) -> str:
         for key, heading in FIGURE_SECTIONS:
             parts.append(f"<h3>{heading}</h3>")
             parts.append(_figure_html(figures[key], f"fig-{dataset}-{key}"))
+        combos = _summary_html(summary, dataset)
+        if combos:
+            parts.append("<h3>Combinations over seeds (mean [95% interval])</h3>")
+            parts.append(combos)
         parts.append("<h3>Trials</h3>")
         parts.append(_results_html(results, dataset, run.class_names.get(dataset, [])))
         sections.append(
@@ -283,6 +344,7 @@ th, td { border: 1px solid #ccc; padding: .2rem .4rem; vertical-align: top; text
 tr.verdict-holds td:nth-child(3) { background: #d8f2d8; }
 tr.verdict-fails td:nth-child(3) { background: #f6d0d0; }
 tr.verdict-not-run td:nth-child(3) { background: #e6e6e6; }
+tr.verdict-inconclusive td:nth-child(3) { background: #fff1c2; }
 tr.status-errored { background: #fbe3e3; } tr.status-running { background: #fff6d5; }
 .definition { color: #666; font-size: .9em; margin-top: .2rem; }
 """

@@ -9,7 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from analysis.cli import add_report_commands
-from sweep.tune_cli import add_demo_command, add_sweep_command, add_tune_command
+from sweep.tune_cli import (
+    add_demo_command,
+    add_sweep_command,
+    add_track_command,
+    add_tune_command,
+)
 from trainables.errors import UserError
 
 FORMATS = ("sscs", "nea", "folder", "synthetic")
@@ -307,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_command(sub)
     add_demo_command(sub)
     add_tune_command(sub)
+    add_track_command(sub)  # sweep/tracking.py
     add_report_commands(sub)
     return parser
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sweep.identity import DENSE, grid
 from trainables.config import ARCHS, DATASETS, GRANULARITIES, PRUNERS, TrialConfig, merge
 from trainables.errors import UserError
 
@@ -19,6 +19,9 @@ class SweepConfig:
     pruners: tuple[str, ...] = ("lp", "agp", "mp")
     sparsities: tuple[float, ...] = (0.2, 0.5, 0.9)
     granularities: tuple[str, ...] = ("element",)  # element (the paper) and/or channel
+    # Training seeds: each trains its own dense base and its own pruned trials. None: the trial
+    # template's `seed`. The train/val/test split does not depend on them (data.split_seed).
+    seeds: tuple[int, ...] | None = None
     cpus_per_trial: float = 4
     gpus_per_trial: float = 1
     max_concurrent: int = 0  # 0: as many as resources allow
@@ -33,8 +36,8 @@ class SweepConfig:
             raise UserError(
                 f"unknown sweep key '{unknown[0]}'; allowed: {', '.join(sorted(fields))}"
             )
-        for key in ("datasets", "models", "pruners", "sparsities", "granularities"):
-            if key in config:
+        for key in ("datasets", "models", "pruners", "sparsities", "granularities", "seeds"):
+            if key in config and config[key] is not None:
                 value = config[key]
                 config[key] = tuple(value.split(",") if isinstance(value, str) else value)
         cfg = cls(**config)
@@ -46,6 +49,16 @@ class SweepConfig:
             cfg = dataclasses.replace(cfg, sparsities=tuple(float(s) for s in cfg.sparsities))
         except ValueError:
             raise UserError(f"sweep.sparsities {list(cfg.sparsities)}: expected numbers") from None
+        if cfg.seeds is not None:
+            try:
+                seeds = tuple(int(s) for s in cfg.seeds)
+            except (TypeError, ValueError):
+                raise UserError(f"sweep.seeds {list(cfg.seeds)}: expected integers") from None
+            if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+                raise UserError(
+                    f"sweep.seeds {list(seeds)}: expected distinct integers >= 0, at least one"
+                )
+            cfg = dataclasses.replace(cfg, seeds=seeds)
         if not all(0 < s < 1 for s in cfg.sparsities):
             raise UserError(f"sweep.sparsities {cfg.sparsities}: each must be in (0, 1)")
         if cfg.cpus_per_trial <= 0 or cfg.gpus_per_trial < 0 or cfg.max_concurrent < 0:
@@ -80,17 +93,6 @@ class TrialSpec:
         return {**dataclasses.asdict(self), "warm_start": self.warm_start}
 
 
-def dense_name(dataset: str, model: str) -> str:
-    return f"{dataset}-{model}-dense"
-
-
-def pruned_name(
-    dataset: str, model: str, pruner: str, sparsity: float, granularity: str = "element"
-) -> str:
-    kind = "" if granularity == "element" else f"-{granularity}"
-    return f"{dataset}-{model}-{pruner}{kind}-s{sparsity:g}"
-
-
 def _trial_config(
     template: dict[str, Any], dataset: str, roots: dict[str, str], **sections: Any
 ) -> dict:
@@ -117,33 +119,41 @@ def absolute_paths(cfg: TrialConfig) -> TrialConfig:
     return cfg.replace(**changes) if changes else cfg
 
 
+def seeds_of(sweep: SweepConfig, template: dict[str, Any]) -> tuple[int, ...]:
+    """The sweep's training seeds: `sweep.seeds`, else the trial template's one seed."""
+    return sweep.seeds if sweep.seeds is not None else (int(template.get("seed", 0)),)
+
+
 def expand(
     sweep: SweepConfig, template: dict[str, Any], run_dir: Path, roots: dict[str, str]
 ) -> tuple[list[TrialSpec], list[TrialSpec]]:
-    """Stage 1 (dense per dataset and model) and stage 2 (every pruner and sparsity) trials."""
+    """Stage 1 (dense per dataset, model and seed) and stage 2 (every pruner and sparsity) trials."""
     trials_dir = Path(run_dir).resolve() / "trials"
-    dense, pruned = [], []
-    for dataset in sweep.datasets:
-        for model in sweep.models:
-            base = dense_name(dataset, model)
-            config = _trial_config(
-                template,
-                dataset,
-                roots,
-                model={"arch": model},
-                pruning={"pruner": "none", "sparsity": 0.0},
-            )
-            dense.append(TrialSpec(base, config, str(trials_dir / base)))
-            for granularity, pruner, sparsity in itertools.product(
-                sweep.granularities, sweep.pruners, sweep.sparsities
-            ):
-                name = pruned_name(dataset, model, pruner, sparsity, granularity)
-                pruning = {"pruner": pruner, "sparsity": sparsity, "granularity": granularity}
-                config = _trial_config(
-                    template, dataset, roots, model={"arch": model}, pruning=pruning
-                )
-                pruned.append(TrialSpec(name, config, str(trials_dir / name), base=base))
-    return dense, pruned
+    dense_ids, pruned_ids = grid(
+        sweep.datasets,
+        sweep.models,
+        sweep.granularities,
+        sweep.pruners,
+        sweep.sparsities,
+        seeds_of(sweep, template),
+    )
+    specs: dict[str, list[TrialSpec]] = {"dense": [], "pruned": []}
+    for identity in [*dense_ids, *pruned_ids]:
+        pruning = {"pruner": identity.pruner, "sparsity": identity.sparsity}
+        if identity.pruner != DENSE:
+            pruning["granularity"] = identity.granularity
+        config = _trial_config(
+            template,
+            identity.dataset,
+            roots,
+            seed=identity.seed,
+            model={"arch": identity.model},
+            pruning=pruning,
+        )
+        base = None if identity.is_dense else identity.base.name
+        spec = TrialSpec(identity.name, config, str(trials_dir / identity.name), base=base)
+        specs["dense" if identity.is_dense else "pruned"].append(spec)
+    return specs["dense"], specs["pruned"]
 
 
 def parse_roots(values: list[str], datasets: tuple[str, ...]) -> dict[str, str]:

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from sweep import identity
 from trainables.checkpoint import write_json, write_text
 from trainables.errors import UserError
 
@@ -97,20 +98,12 @@ def tune_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-SELECT_KEYS = ("dataset", "model", "pruner", "sparsity", "granularity")
-
-
-def parse_select(text: str | None) -> dict[str, str]:
-    """`model=fpn,pruner=agp,sparsity=0.9` -> filters on the sweep's trials."""
-    if not text:
-        return {}
-    out = {}
-    for part in text.split(","):
-        key, sep, value = part.partition("=")
-        if not sep or key not in SELECT_KEYS:
-            raise UserError(f"--select {text}: expected {'=|'.join(SELECT_KEYS)}= pairs")
-        out[key] = value
-    return out
+def parse_select(text: str | None) -> dict[str, Any]:
+    """`model=fpn,pruner=agp,sparsity=0.9,seed=1` -> the trial-identity fields to match."""
+    try:
+        return identity.parse_select(text)
+    except ValueError as err:
+        raise UserError(f"--select {text}: {err}") from None
 
 
 def pruned_trials(run_dir: Path, select: dict[str, str]) -> list[dict[str, Any]]:
@@ -126,19 +119,10 @@ def pruned_trials(run_dir: Path, select: dict[str, str]) -> list[dict[str, Any]]
         ):
             continue
         cfg = yaml.safe_load(config.read_text())
-        if cfg["pruning"]["pruner"] == "none":
+        who = identity.trial_id(trial.name, cfg)
+        if who is None or who.is_dense:
             continue
-        keys = {
-            "dataset": cfg["data"]["dataset"],
-            "model": cfg["model"]["arch"],
-            "pruner": cfg["pruning"]["pruner"],
-            "sparsity": cfg["pruning"]["sparsity"],
-            "granularity": cfg["pruning"].get("granularity", "element"),
-        }
-        if all(
-            str(keys[k]) == v or (k == "sparsity" and float(v) == keys[k])
-            for k, v in select.items()
-        ):
+        if who.matches(select):
             found.append(
                 {
                     "name": trial.name,

@@ -27,6 +27,8 @@ class SweepRequest:
     roots: dict[str, str]
     address: str | None = None
     check_data: bool = True  # validate every dataset in the driver before any trial starts
+    mlflow: str | None = None  # MLflow tracking URI (sweep/tracking.py)
+    tensorboard: bool = True  # event files in RUN_DIR/tensorboard (sweep/tracking.py)
 
 
 def _name(trial: Any) -> str:
@@ -82,6 +84,7 @@ def run_stage(
     run_dir: Path,
     sweep: SweepConfig,
     gpus: float,
+    callbacks: list[Any] | None = None,  # more Tune callbacks (sweep/tracking.py)
 ) -> dict[str, str | None]:
     """Run every trial of `specs` not finished yet; trial name -> None if finished, else the error.
 
@@ -113,7 +116,7 @@ def run_stage(
             name=name,
             storage_path=str(run_dir),
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-            callbacks=[_progress_callback(name, len(specs), len(outcome))],
+            callbacks=[_progress_callback(name, len(specs), len(outcome)), *(callbacks or [])],
             verbose=0,
         ),
     )
@@ -207,6 +210,8 @@ def trial_environment() -> dict[str, str]:
 
 def run_sweep(request: SweepRequest) -> dict[str, Any]:
     """Both stages; a failed base model drops only its own combinations. Returns the status."""
+    from sweep.tracking import open_tracking
+
     run_dir = request.run_dir.resolve()
     dense, pruned = expand(request.sweep, request.template, run_dir, request.roots)
     resolved = _check_run_dir(request, run_dir)  # before anything is written
@@ -214,6 +219,7 @@ def run_sweep(request: SweepRequest) -> dict[str, Any]:
         check_datasets(dense)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_yaml(run_dir / "sweep.yaml", resolved)
+    tracker = open_tracking(run_dir, request.mlflow, request.tensorboard)  # MLflow, TensorBoard
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     _init_ray(request.address)
     gpus = cluster_gpus_per_trial(request.sweep.gpus_per_trial, request.address)
@@ -223,7 +229,12 @@ def run_sweep(request: SweepRequest) -> dict[str, Any]:
     )
     extra = {"code_version": code_version(), "env": trial_environment()}
     stage1 = run_stage(
-        STAGES[0], [{**s.as_param(), **extra} for s in dense], run_dir, request.sweep, gpus
+        STAGES[0],
+        [{**s.as_param(), **extra} for s in dense],
+        run_dir,
+        request.sweep,
+        gpus,
+        tracker.callbacks(),
     )
     write_label_distribution(run_dir, dense)
     failed_bases = {name: err for name, err in stage1.items() if err}
@@ -237,7 +248,12 @@ def run_sweep(request: SweepRequest) -> dict[str, Any]:
             flush=True,
         )
     stage2 = run_stage(
-        STAGES[1], [{**s.as_param(), **extra} for s in runnable], run_dir, request.sweep, gpus
+        STAGES[1],
+        [{**s.as_param(), **extra} for s in runnable],
+        run_dir,
+        request.sweep,
+        gpus,
+        tracker.callbacks(),
     )
     status = {
         "preset": request.preset,
@@ -248,6 +264,7 @@ def run_sweep(request: SweepRequest) -> dict[str, Any]:
     }
     write_json(run_dir / "sweep_status.json", status)
     print(summary(run_dir, dense + pruned, status), flush=True)
+    tracker.finish()  # every trial folder synced, the MLflow parent run finished
     return status
 
 
@@ -321,8 +338,14 @@ def _resolved_sweep_file(request: SweepRequest) -> dict[str, Any]:
     return json.loads(json.dumps(resolved))
 
 
+def _seeds(resolved: dict[str, Any]) -> list[int]:
+    seeds = (resolved.get("sweep") or {}).get("seeds")
+    return list(seeds) if seeds is not None else [(resolved.get("trial") or {}).get("seed", 0)]
+
+
 def _results_part(resolved: dict[str, Any]) -> dict[str, Any]:
-    sweep = {k: v for k, v in (resolved.get("sweep") or {}).items() if k not in RESOURCE_KEYS}
+    skip = (*RESOURCE_KEYS, "seeds")  # seeds are compared apart: a resume may add seeds
+    sweep = {k: v for k, v in (resolved.get("sweep") or {}).items() if k not in skip}
     rest = {k: v for k, v in resolved.items() if k not in ("sweep", "code_version")}
     return {**rest, "sweep": sweep}
 
@@ -337,7 +360,8 @@ def _differences(old: Any, new: Any, where: str = "") -> list[str]:
 def _check_run_dir(request: SweepRequest, run_dir: Path) -> dict[str, Any]:
     """The sweep file to write; refuses a RUN_DIR holding another sweep or another code version.
 
-    Only what changes results is compared: resources (`RESOURCE_KEYS`) may differ on resume.
+    Only what changes results is compared: resources (`RESOURCE_KEYS`) may differ on resume,
+    and seeds may be added (each new seed trains its own bases and combinations).
     """
     import yaml
 
@@ -347,6 +371,12 @@ def _check_run_dir(request: SweepRequest, run_dir: Path) -> dict[str, Any]:
         return resolved
     existing = yaml.safe_load(path.read_text()) or {}
     changed = _differences(_results_part(existing), _results_part(resolved))
+    dropped_seeds = [s for s in _seeds(existing) if s not in _seeds(resolved)]
+    if dropped_seeds:
+        changed.append(
+            f"sweep.seeds ({_seeds(existing)} -> {_seeds(resolved)}: seeds may be added, "
+            f"not removed; missing {dropped_seeds})"
+        )
     if changed:
         raise UserError(
             f"{run_dir} holds a sweep with other settings ({path}): {'; '.join(changed[:5])}. "

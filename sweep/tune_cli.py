@@ -1,4 +1,4 @@
-"""`corroprune sweep` and `corroprune demo`: parse flags into a sweep request, run it."""
+"""`corroprune sweep`, `demo` and `track`: parse flags into a sweep request, run it (or sync it)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,11 @@ from sweep.config import load_preset, parse_set
 from sweep.grid import SweepConfig, parse_roots
 from trainables.config import merge
 from trainables.errors import UserError
+
+SEEDS_HELP = (
+    "comma-separated training seeds, e.g. 0,1,2: each trains its own dense base and pruned "
+    "trials on the same split (default: the preset's)"
+)
 
 
 def add_sweep_command(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +26,7 @@ def add_sweep_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--granularities", help="comma-separated: element (the paper), channel (physically slim)"
     )
+    p.add_argument("--seeds", help=SEEDS_HELP)
     p.add_argument(
         "--data-root",
         action="append",
@@ -47,12 +53,56 @@ def add_sweep_command(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override a trial config field for every trial, e.g. --set stages.train_epochs=10",
     )
+    add_tracking_arguments(p)
     p.set_defaults(func=cmd_sweep)
+
+
+# ---- experiment tracking (sweep/tracking.py) ----
+def add_tracking_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mlflow",
+        metavar="URI",
+        help="also log every trial to MLflow: sqlite:///runs/mlflow.db (offline) or a server's "
+        "http(s):// URI (needs pip install 'corroprune[mlflow]')",
+    )
+    p.add_argument(
+        "--no-tensorboard",
+        dest="tensorboard",
+        action="store_false",
+        help="write no TensorBoard event files (default: RUN_DIR/tensorboard/<trial name>/)",
+    )
+
+
+def add_track_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "track", help="sync a RUN_DIR (running or finished) into MLflow and TensorBoard files"
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    add_tracking_arguments(p)
+    p.set_defaults(func=cmd_track)
+
+
+def cmd_track(args: argparse.Namespace) -> int:
+    from sweep.tracking import log_run, write_tensorboard
+
+    run_dir = args.run_dir.resolve()
+    if not (run_dir / "trials").is_dir():
+        raise UserError(f"{args.run_dir}: not a sweep folder (no trials/ in it)")
+    if args.tensorboard:
+        print(f"TensorBoard: tensorboard --logdir {write_tensorboard(run_dir)}")
+    if args.mlflow:
+        print(f"MLflow: run {log_run(run_dir, args.mlflow)} '{run_dir.name}' in {args.mlflow}")
+    return 0
+
+
+# ---- end of experiment tracking ----
 
 
 def add_demo_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the full 5x3x3 sweep on synthetic data, in CPU minutes")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--seeds", help=SEEDS_HELP)
+    add_tracking_arguments(p)
     p.set_defaults(
         func=cmd_demo,
         preset="demo",
@@ -72,6 +122,7 @@ def add_demo_command(sub: argparse._SubParsersAction) -> None:
 
 
 def build_request(args: argparse.Namespace):
+    from sweep.tracking import check_mlflow_uri
     from sweep.tune import SweepRequest
 
     preset = load_preset(args.preset)
@@ -82,6 +133,7 @@ def build_request(args: argparse.Namespace):
         "pruners": args.pruners,
         "sparsities": args.sparsities,
         "granularities": args.granularities,
+        "seeds": args.seeds,
         "gpus_per_trial": args.gpus_per_trial,
         "cpus_per_trial": args.cpus_per_trial,
         "max_concurrent": args.max_concurrent,
@@ -97,6 +149,8 @@ def build_request(args: argparse.Namespace):
         roots=parse_roots(args.data_root, sweep.datasets),
         address=args.address,
         check_data=not args.skip_data_check,
+        mlflow=check_mlflow_uri(args.mlflow) if args.mlflow else None,
+        tensorboard=args.tensorboard,
     )
 
 
@@ -114,6 +168,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     code = cmd_sweep(args)
     run_dir = args.out.resolve()
     report = build_report(run_dir)
+    if args.mlflow:  # the report exists only now: attach it to the sweep's MLflow run
+        from sweep.tracking import log_run
+
+        log_run(run_dir, args.mlflow)
     print(
         f"demo finished: every trial's records, checkpoints and final metrics are in {run_dir}/trials"
     )
@@ -131,7 +189,9 @@ def add_tune_command(sub: argparse._SubParsersAction) -> None:
         "--from", dest="run_dir", type=Path, required=True, help="a finished sweep's RUN_DIR"
     )
     p.add_argument(
-        "--select", help="e.g. model=fpn,pruner=agp,sparsity=0.9 (default: every pruned trial)"
+        "--select",
+        help="e.g. model=fpn,pruner=agp,sparsity=0.9,seed=0 (keys: the trial identity;"
+        " default: every pruned trial)",
     )
     p.add_argument("--samples", type=int, help="configurations per combination")
     p.add_argument("--address", help="Ray cluster address (default: a local Ray)")

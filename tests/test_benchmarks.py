@@ -129,3 +129,32 @@ def test_checkpoint_traffic_counts_a_trials_own_last_checkpoint_writes(tmp_path:
     # every 600 s: prune epochs 25 and 50, fine-tuning 25, 50, 75 and 100
     default = bench_checkpoint.trial_traffic(plan, unit, 24.0, bench_checkpoint.RuntimeConfig())
     assert default == (6, 6)
+
+
+def test_seed_spread_from_a_multi_seed_run(tmp_path: Path, capsys) -> None:
+    """bench_seeds reads a run through the report's tables: spreads, seeds needed, claims."""
+    import json
+    import shutil
+
+    import yaml
+
+    from tests.analysis.fake_run import write_fake_run
+
+    run = write_fake_run(tmp_path / "run", datasets=("synthetic",))
+    trials = run / "trials"
+    for trial in sorted(trials.iterdir()):
+        for seed, shift in ((1, 0.01), (2, -0.01)):
+            copy = trials / f"{trial.name}-seed{seed}"
+            shutil.copytree(trial, copy)
+            config = yaml.safe_load((copy / "config.yaml").read_text())
+            (copy / "config.yaml").write_text(yaml.safe_dump({**config, "seed": seed}))
+            final = copy / "final.json"
+            if final.exists():
+                data = json.loads(final.read_text())
+                if data.get("pruned"):
+                    data["pruned"]["test_miou"] += shift
+                final.write_text(json.dumps(data))
+    assert load("bench_seeds").main([str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "seeds 0, 1, 2" in out and "| drop from own seed's dense (paired) |" in out
+    assert "| 0.0100 |" in out and "| FPN and LinkNet hold IoU best | synthetic |" in out

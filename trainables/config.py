@@ -42,6 +42,9 @@ class DataConfig:
     eval_pad_to: int = 32  # validation/test images are padded to a multiple of this
     resize: int | None = None  # longer side resized to this before anything else (None: keep)
     val_fraction: float = 0.2
+    # Seed of the train/val split, apart from the trial's seed: repeated training seeds of a
+    # sweep share one split, so they vary only the training (initialisation, augmentation, order).
+    split_seed: int = 0
     sscs_variant: str = "512x512"
     nea_block_size: int = 10  # NEA frames are split into contiguous blocks of this many
     nea_test_fraction: float = 0.2

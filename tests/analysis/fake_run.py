@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import json
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import yaml
+
+from analysis.collect import Run
 
 CLASSES = {
     "synthetic": ["good", "fair", "poor", "severe"],
@@ -258,3 +262,22 @@ def write_fake_run(
                     if channel in CHANNEL_TRIALS:
                         _write_trial(trials, channel, dataset, model, pruner, s, "channel")
     return root
+
+
+def seeded(run: Run, spread: float = 0.0005, seeds: int = 3) -> Run:
+    """The one-seed fake run repeated over `seeds` seeds: pruned mIoU shifted by -spread, 0,
+    +spread, ... (the mean stays the single run's), epoch-to-epoch curves scaled a little."""
+    offsets = np.linspace(-spread, spread, seeds)
+    results, curves = [], []
+    for seed, offset in enumerate(offsets):
+        part = run.results.assign(seed=seed, trial=run.results["trial"] + f"-seed{seed}")
+        pruned = part["pruner"] != "none"
+        part.loc[pruned, "pruned_test_miou"] += offset
+        part.loc[pruned, "test_miou"] = part.loc[pruned, "pruned_test_miou"]
+        part["iou_drop"] = part["dense_test_miou"] - part["pruned_test_miou"]
+        part["iou_drop_rel"] = part["iou_drop"] / part["dense_test_miou"]
+        results.append(part)
+        c = run.curves.assign(seed=seed, trial=run.curves["trial"] + f"-seed{seed}")
+        c["val_miou"] = c["val_miou"] * (1 + 0.01 * seed)
+        curves.append(c)
+    return replace(run, results=pd.concat(results), curves=pd.concat(curves))

@@ -16,7 +16,6 @@ from analysis.collect import (
     label_distribution,
     load_run,
     missing_notes,
-    parse_trial_name,
     read_jsonl,
     trial_row,
 )
@@ -40,14 +39,16 @@ def test_read_jsonl_skips_a_half_written_last_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "facets"),
     [
-        ("sscs-fpn-agp-s0.9", ("sscs", "fpn", "agp", 0.9)),
-        ("nea-unetplusplus-dense", ("nea", "unetplusplus", "none", 0.0)),
-        ("my-data-linknet-mp-s0.25", ("my-data", "linknet", "mp", 0.25)),
+        ("sscs-fpn-agp-s0.9", ("sscs", "fpn", "agp", 0.9, 0)),  # before the seed axis: seed 0
+        ("nea-unetplusplus-dense-seed2", ("nea", "unetplusplus", "none", 0.0, 2)),
+        ("my-data-linknet-mp-s0.25-seed1", ("my-data", "linknet", "mp", 0.25, 1)),
     ],
 )
-def test_parse_trial_name(name: str, facets: tuple) -> None:
-    got = parse_trial_name(name)
-    assert (got["dataset"], got["model"], got["pruner"], got["target_sparsity"]) == facets
+def test_facets_from_a_folder_name_alone(tmp_path: Path, name: str, facets: tuple) -> None:
+    (tmp_path / name).mkdir()
+    got = trial_row(tmp_path / name)[0]
+    keys = ("dataset", "model", "pruner", "target_sparsity", "seed")
+    assert tuple(got[k] for k in keys) == facets
 
 
 def test_results_one_row_per_trial_with_status(fake_run_dir: Path) -> None:
@@ -135,16 +136,14 @@ def test_label_distribution_prefers_the_file(own_run_dir: Path) -> None:
     assert source == "file" and table["dataset"].tolist() == ["all", "all"]  # two datasets
 
 
-def test_granularity_from_the_name(tmp_path: Path) -> None:
-    assert parse_trial_name("sscs-fpn-agp-channel-s0.9")["granularity"] == "channel"
-    assert parse_trial_name("my-data-linknet-mp-channel-s0.25")["dataset"] == "my-data"
-    assert parse_trial_name("sscs-fpn-agp-s0.9")["granularity"] == "element"
-    assert parse_trial_name("sscs-fpn-dense")["granularity"] == "none"
-    # The config wins over the name.
+def test_granularity_and_seed_from_the_config_over_the_name(tmp_path: Path) -> None:
     trial = tmp_path / "trials" / "sscs-fpn-agp-s0.5"
     trial.mkdir(parents=True)
-    trial.joinpath("config.yaml").write_text("pruning: {pruner: agp, granularity: channel}\n")
-    assert trial_row(trial)[0]["granularity"] == "channel"
+    trial.joinpath("config.yaml").write_text(
+        "seed: 4\npruning: {pruner: agp, granularity: channel}\n"
+    )
+    row = trial_row(trial)[0]
+    assert (row["granularity"], row["seed"], row["dataset"]) == ("channel", 4, "sscs")
 
 
 def test_size_and_latency_columns_come_from_final_json(fake_run_dir: Path) -> None:
@@ -172,10 +171,11 @@ def test_size_and_latency_columns_come_from_final_json(fake_run_dir: Path) -> No
 
 def test_expected_trials_with_a_granularity_axis() -> None:
     grid = {"datasets": ["sscs"], "models": ["fpn"], "pruners": ["agp"], "sparsities": [0.5]}
-    assert expected_trials({"sweep": grid}) == ["sscs-fpn-dense", "sscs-fpn-agp-s0.5"]
+    names = lambda sweep: [i.name for i in expected_trials(sweep)]  # noqa: E731
+    assert names({"sweep": grid}) == ["sscs-fpn-dense-seed0", "sscs-fpn-agp-s0.5-seed0"]
     both = {"sweep": {**grid, "granularities": ["element", "channel"]}}
-    assert expected_trials(both) == [
-        "sscs-fpn-dense",
-        "sscs-fpn-agp-s0.5",
-        "sscs-fpn-agp-channel-s0.5",
+    assert names(both) == [
+        "sscs-fpn-dense-seed0",
+        "sscs-fpn-agp-s0.5-seed0",
+        "sscs-fpn-agp-channel-s0.5-seed0",
     ]

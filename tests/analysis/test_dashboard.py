@@ -145,6 +145,14 @@ def test_only_a_cheap_poll_listens_to_the_timer(fake_run_dir: Path) -> None:
     assert "run-version" in inputs and "tick" not in inputs
 
 
+def test_seed_filter_keeps_the_chosen_seeds_dense_models_included(fake_run_dir: Path) -> None:
+    run = load_run(fake_run_dir)
+    assert facet_options(run)["seed"] == [0]  # a run from before the seed axis: seed 0
+    assert not filter_run(run, ["fpn"], ["lp"], [0.9], seeds=[1]).results.size
+    kept = filter_run(run, ["fpn"], ["lp"], [0.9], seeds=[0]).results["trial"]
+    assert set(kept) == set(filter_run(run, ["fpn"], ["lp"], [0.9]).results["trial"])
+
+
 def test_updated_filters_tick_new_values_and_keep_unticked_ones() -> None:
     options = {
         "dataset": ["nea"],
@@ -152,18 +160,20 @@ def test_updated_filters_tick_new_values_and_keep_unticked_ones() -> None:
         "pruner": ["lp"],
         "granularity": ["element", "channel"],
         "sparsity": [0.5],
+        "seed": [0, 1],
     }
     old_options = [
         [{"label": "fpn", "value": "fpn"}],
         [{"label": "lp", "value": "lp"}],
         [{"label": "element", "value": "element"}],
         [],
+        [{"label": "0", "value": 0}],
     ]
-    old_values = [[], ["lp"], ["element"], []]
+    old_values = [[], ["lp"], ["element"], [], [0]]
     dataset, new_options, values = updated_filters(options, "gone", old_options, old_values)
     assert dataset == "nea"
-    # fpn stays unticked; unet, channel and 0.5 are new
-    assert values == [["unet"], ["lp"], ["element", "channel"], [0.5]]
+    # fpn stays unticked; unet, channel, 0.5 and seed 1 are new
+    assert values == [["unet"], ["lp"], ["element", "channel"], [0.5], [0, 1]]
     assert new_options[3] == [{"label": "0.5", "value": 0.5}]
 
 

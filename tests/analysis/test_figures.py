@@ -24,7 +24,7 @@ from analysis.figures import (
     training_figure,
 )
 from analysis.images import colorize, png_data_uri
-from tests.analysis.fake_run import DENSE_MIOU, NO_LATENCY, PRUNE_EPOCHS, RUNNING
+from tests.analysis.fake_run import DENSE_MIOU, NO_LATENCY, PRUNE_EPOCHS, RUNNING, seeded
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +100,29 @@ def test_sparsity_figure_starts_each_line_at_the_dense_model(run) -> None:
     nea = {t.name: t for t in sparsity_figure(run.results, "nea").data}
     assert list(nea["linknet agp"].x) == [0.0, 0.2, 0.5]  # 0.9 still running
     assert RUNNING.endswith("s0.9")
+
+
+def test_with_seeds_each_point_is_a_mean_with_its_interval(run) -> None:
+    one = {t.name: t for t in sparsity_figure(run.results, "synthetic").data}
+    assert one["fpn agp"].error_y.array is None  # one seed: no interval to draw
+    three = seeded(run, spread=0.01)
+    fig = sparsity_figure(three.results, "synthetic")
+    by_name = {t.name: t for t in fig.data}
+    line = by_name["fpn agp"]
+    assert list(line.x) == [0.0, 0.2, 0.5, 0.9]  # one point per sparsity, not per seed
+    assert list(line.y) == pytest.approx(list(one["fpn agp"].y))  # offsets -s, 0, +s: same mean
+    bars = list(line.error_y.array)
+    assert bars[0] == pytest.approx(0.0, abs=1e-12)  # the fake seeds share their dense models
+    assert all(b == pytest.approx(4.302653 * 0.01 / 3**0.5) for b in bars[1:])
+    assert list(line.customdata) == [3, 3, 3, 3]
+    assert "mean over up to 3 seeds" in fig.layout.title.text
+    pareto = latency_pareto_figure(three.results, "synthetic")
+    points = [t for t in pareto.data if t.meta and not t.meta.get("front")]
+    assert sum(len(t.x) for t in points) == sum(
+        len(t.x) for t in latency_pareto_figure(run.results, "synthetic").data
+        if t.meta and not t.meta.get("front")
+    )  # fmt: skip
+    assert any(t.error_y.array is not None for t in points)
 
 
 def test_per_class_figure_one_panel_per_class(run) -> None:

@@ -149,3 +149,11 @@ class Sandbox:
 
     def logged(self) -> list[str]:
         return self.log.read_text().splitlines()
+
+
+# The paper sweep as a cluster runs it, with the data and RUN_DIR on the storage every node mounts
+# at /mnt/shared: README's `ray exec` line for cluster.yaml, and rayjob.yaml's entrypoint.
+PAPER_SWEEP_ON_CLUSTER = (
+    "corroprune sweep --preset paper --address auto --out /mnt/shared/runs/paper"
+    " --data-root sscs=/mnt/shared/data/sscs --data-root nea=/mnt/shared/data/nea"
+)

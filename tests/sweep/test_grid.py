@@ -16,9 +16,9 @@ def test_paper_preset_is_ten_plus_ninety_trials(tmp_path: Path) -> None:
     dense, pruned = expand(sweep, preset["trial"], tmp_path, roots)
     assert len(dense) == 10 and len(pruned) == 90
     assert len({s.name for s in dense + pruned}) == 100
-    nea = next(s for s in pruned if s.name == "nea-fpn-agp-s0.9")
-    assert nea.base == "nea-fpn-dense" and nea.warm_start.endswith(
-        "nea-fpn-dense/checkpoints/dense.pt"
+    nea = next(s for s in pruned if s.name == "nea-fpn-agp-s0.9-seed0")
+    assert nea.base == "nea-fpn-dense-seed0" and nea.warm_start.endswith(
+        "nea-fpn-dense-seed0/checkpoints/dense.pt"
     )
     assert nea.config["data"]["dataset"] == "nea" and nea.config["data"]["root"] == str(tmp_path)
     assert nea.config["pruning"] == {**nea.config["pruning"], "pruner": "agp", "sparsity": 0.9}
@@ -37,13 +37,31 @@ def test_granularity_axis_adds_channel_trials_beside_the_paper_grid(tmp_path: Pa
     )
     dense, pruned = expand(sweep, {}, tmp_path, {})
     assert (len(dense), len(pruned)) == (1, 18)
-    channel = next(s for s in pruned if s.name == "synthetic-fpn-agp-channel-s0.5")
+    channel = next(s for s in pruned if s.name == "synthetic-fpn-agp-channel-s0.5-seed0")
     assert channel.config["pruning"]["granularity"] == "channel"
-    assert channel.base == "synthetic-fpn-dense"
-    element = next(s for s in pruned if s.name == "synthetic-fpn-agp-s0.5")
+    assert channel.base == "synthetic-fpn-dense-seed0"
+    element = next(s for s in pruned if s.name == "synthetic-fpn-agp-s0.5-seed0")
     assert element.config["pruning"]["granularity"] == "element"
     with pytest.raises(UserError, match="allowed values are element, channel"):
         SweepConfig.from_dict({"granularities": ["filter"]})
+
+
+def test_seed_axis_gives_each_seed_its_own_bases_and_combinations(tmp_path: Path) -> None:
+    sweep = SweepConfig.from_dict(
+        {"datasets": ["synthetic"], "models": ["fpn"], "pruners": ["agp"], "seeds": "0,1,2"}
+    )
+    template = {"seed": 7, "data": {"split_seed": 0}}
+    dense, pruned = expand(sweep, template, tmp_path, {})
+    assert [s.name for s in dense] == [f"synthetic-fpn-dense-seed{i}" for i in range(3)]
+    assert [s.config["seed"] for s in dense] == [0, 1, 2]
+    assert len(pruned) == 9 and {s.config["data"]["split_seed"] for s in pruned} == {0}
+    for spec in pruned:  # warm-started from its own seed's base
+        assert spec.base == f"synthetic-fpn-dense-seed{spec.config['seed']}"
+    one, _ = expand(SweepConfig.from_dict({"datasets": ["synthetic"]}), template, tmp_path, {})
+    assert {s.config["seed"] for s in one} == {7}  # no seeds axis: the template's seed
+    for bad in ("0,0", "-1", "a", []):
+        with pytest.raises(UserError, match="sweep.seeds"):
+            SweepConfig.from_dict({"seeds": bad})
 
 
 def test_sweep_settings_reject_unknown_keys_and_values() -> None:

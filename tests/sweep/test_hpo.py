@@ -15,7 +15,7 @@ from trainables.trial import run_trial
 
 SEARCH = {
     "search": {
-        "samples": 6,
+        "samples": 4,
         "grace_period": 1,
         "reduction_factor": 3,
         "seed": 0,
@@ -38,7 +38,7 @@ def finished_sweep(tmp_path_factory) -> Path:
     cfg = TrialConfig.from_dict(
         tiny_config(pruning={"pruner": "agp", "sparsity": 0.5}, runtime={"threads": 1})
     )
-    run_trial(cfg, run / "trials" / "synthetic-fpn-agp-s0.5")
+    run_trial(cfg, run / "trials" / "synthetic-fpn-agp-s0.5-seed0")
     return run
 
 
@@ -46,13 +46,13 @@ def test_search_end_to_end(local_ray, finished_sweep: Path, tmp_path: Path) -> N
     summaries = run_search(SEARCH, finished_sweep, "model=fpn,pruner=agp", None, tmp_path, None)
     assert len(summaries) == 1
     summary = summaries[0]
-    assert summary["trials"] == 6 and 0 <= summary["tuned_test_miou"] <= 1
+    assert summary["trials"] == 4 and 0 <= summary["tuned_test_miou"] <= 1
     paper = json.loads(
-        (finished_sweep / "trials" / "synthetic-fpn-agp-s0.5" / "final.json").read_text()
+        (finished_sweep / "trials" / "synthetic-fpn-agp-s0.5-seed0" / "final.json").read_text()
     )
     assert summary["paper_settings_test_miou"] == paper["pruned"]["test_miou"]
-    rows = list(csv.DictReader((tmp_path / "synthetic-fpn-agp-s0.5" / "trials.csv").open()))
-    assert len(rows) == 6
+    rows = list(csv.DictReader((tmp_path / "synthetic-fpn-agp-s0.5-seed0" / "trials.csv").open()))
+    assert len(rows) == 4
     for row in rows:
         records = read_jsonl(Path(row["out_dir"]) / "metrics.jsonl")
         assert {r["stage"] for r in records} == {"finetune"}
@@ -75,7 +75,7 @@ def test_search_end_to_end(local_ray, finished_sweep: Path, tmp_path: Path) -> N
     )
 
     trials, bests = load_search(tmp_path)
-    combo = "synthetic-fpn-agp-s0.5"
+    combo = "synthetic-fpn-agp-s0.5-seed0"
     fig = parallel_coordinates(trials, combo)
     labels = [d.label for d in fig.data[0].dimensions]
     assert labels[-1] == "val mIoU" and "max_lr" in labels and "class_weighting" in labels
@@ -87,12 +87,21 @@ def test_search_end_to_end(local_ray, finished_sweep: Path, tmp_path: Path) -> N
 
 
 def test_selection_and_presets_are_checked(finished_sweep: Path) -> None:
-    assert parse_select("model=fpn,sparsity=0.5") == {"model": "fpn", "sparsity": "0.5"}
-    with pytest.raises(UserError, match="expected dataset="):
+    assert parse_select("model=fpn,sparsity=0.5,seed=1") == {
+        "model": "fpn",
+        "sparsity": 0.5,
+        "seed": 1,
+    }
+    with pytest.raises(UserError, match="KEY one of dataset, model, encoder"):
         parse_select("arch=fpn")
+    with pytest.raises(UserError, match="sparsity=high: expected a number"):
+        parse_select("sparsity=high")
     with pytest.raises(UserError, match="no finished pruned trial"):
         pruned_trials(finished_sweep, {"model": "unet"})
-    assert len(pruned_trials(finished_sweep, {"sparsity": "0.5"})) == 1
+    assert len(pruned_trials(finished_sweep, {"sparsity": 0.5})) == 1
+    assert pruned_trials(finished_sweep, {"sparsity": 0.5, "seed": 0})[0]["name"].endswith("-seed0")
+    with pytest.raises(UserError, match="no finished pruned trial"):
+        pruned_trials(finished_sweep, {"seed": 1})
     with pytest.raises(UserError, match="not searchable"):
         SearchConfig.from_preset({"search": {"space": {"epochs": {"type": "choice"}}}}, None)
     weighting = {"class_weighting": {"type": "choice", "values": ["none", "balanced"]}}

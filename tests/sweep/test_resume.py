@@ -50,6 +50,15 @@ def test_resume_refuses_other_results_settings_and_names_them(tmp_path: Path) ->
         _check_run_dir(other, tmp_path)
 
 
+def test_resume_may_add_seeds_but_not_drop_them(tmp_path: Path) -> None:
+    _written(tmp_path)  # no sweep.seeds: the template's seed 0
+    grown = _check_run_dir(_request(tmp_path, seeds=[0, 1, 2]), tmp_path)
+    assert grown["sweep"]["seeds"] == [0, 1, 2]
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(grown))
+    with pytest.raises(UserError, match=r"seeds may be added, not removed; missing \[2\]"):
+        _check_run_dir(_request(tmp_path, seeds=[0, 1]), tmp_path)
+
+
 def test_resume_refuses_another_code_version(tmp_path: Path) -> None:
     path = _written(tmp_path)
     recorded = yaml.safe_load(path.read_text())

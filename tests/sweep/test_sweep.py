@@ -10,9 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
+from analysis.report import build_report
 from sweep.grid import SweepConfig
 from sweep.tune import SweepRequest, run_sweep
 from tests.conftest import tiny_config
@@ -44,15 +46,15 @@ def test_sweep_end_to_end_and_a_base_model_that_recovers(
     sweep = SweepConfig.from_dict({**TINY_SWEEP, "max_failures": 0})
     request = SweepRequest("tiny", sweep, _template(), tmp_path, {})
     # A dense checkpoint that cannot be read: stage 1 for fpn fails, linknet's trials go on.
-    bad = tmp_path / "trials" / "synthetic-fpn-dense" / "checkpoints"
+    bad = tmp_path / "trials" / "synthetic-fpn-dense-seed0" / "checkpoints"
     bad.mkdir(parents=True)
     (bad / "last.pt").write_bytes(b"corrupt")
     status = run_sweep(request)  # asks for 1 GPU per trial: falls back to 0 on this machine
     assert list((tmp_path / "relative-cache" / "synthetic").iterdir())  # generated where meant
-    assert [f["trial"] for f in status["failed_base_models"]] == ["synthetic-fpn-dense"]
-    assert status["dropped_combinations"] == ["synthetic-fpn-agp-s0.5"]
-    assert status["pruned"] == {"synthetic-linknet-agp-s0.5": None}
-    error = (tmp_path / "trials" / "synthetic-fpn-dense" / "error.txt").read_text()
+    assert [f["trial"] for f in status["failed_base_models"]] == ["synthetic-fpn-dense-seed0"]
+    assert status["dropped_combinations"] == ["synthetic-fpn-agp-s0.5-seed0"]
+    assert status["pruned"] == {"synthetic-linknet-agp-s0.5-seed0": None}
+    error = (tmp_path / "trials" / "synthetic-fpn-dense-seed0" / "error.txt").read_text()
     assert "cannot load checkpoint" in error
     printed = capsys.readouterr().out
     assert "finished synthetic-linknet-agp-s0.5" in printed and "best test mIoU" in printed
@@ -60,12 +62,15 @@ def test_sweep_end_to_end_and_a_base_model_that_recovers(
     # The base recovers (the bad file is gone): a re-run gives it all its combinations and runs
     # nothing that finished.
     (bad / "last.pt").unlink()
-    finished = tmp_path / "trials" / "synthetic-linknet-agp-s0.5" / "final.json"
+    finished = tmp_path / "trials" / "synthetic-linknet-agp-s0.5-seed0" / "final.json"
     stamp = finished.stat().st_mtime_ns
     status = run_sweep(request)
     assert status["failed_base_models"] == [] and status["dropped_combinations"] == []
-    assert set(status["dense"]) == {"synthetic-fpn-dense", "synthetic-linknet-dense"}
-    assert status["pruned"] == {"synthetic-fpn-agp-s0.5": None, "synthetic-linknet-agp-s0.5": None}
+    assert set(status["dense"]) == {"synthetic-fpn-dense-seed0", "synthetic-linknet-dense-seed0"}
+    assert status["pruned"] == {
+        "synthetic-fpn-agp-s0.5-seed0": None,
+        "synthetic-linknet-agp-s0.5-seed0": None,
+    }
     assert all(err is None for err in status["dense"].values())
     assert finished.stat().st_mtime_ns == stamp
     printed = capsys.readouterr().out
@@ -81,11 +86,13 @@ def test_sweep_end_to_end_and_a_base_model_that_recovers(
         env = json.loads((trial / "env.json").read_text())
         assert env["node_ip"] and env["trial_gpus"] == 0.0 and env["versions"]["ray"]
         assert env["code_version"] == code_version()
-    pruned = tmp_path / "trials" / "synthetic-fpn-agp-s0.5"
+    pruned = tmp_path / "trials" / "synthetic-fpn-agp-s0.5-seed0"
     stages = [r["stage"] for r in read_jsonl(pruned / "metrics.jsonl")]
     assert stages == ["prune", "prune", "finetune"]  # warm-started from the stage-1 model
     final = json.loads((pruned / "final.json").read_text())
-    dense = json.loads((tmp_path / "trials" / "synthetic-fpn-dense" / "final.json").read_text())
+    dense = json.loads(
+        (tmp_path / "trials" / "synthetic-fpn-dense-seed0" / "final.json").read_text()
+    )
     assert final["dense"] == dense["dense"]
     assert final["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)
     assert (tmp_path / "sweep.yaml").exists() and (tmp_path / "sweep_status.json").exists()
@@ -117,7 +124,7 @@ def test_killed_driver_rerun_with_other_resources_finishes_the_rest(tmp_path: Pa
         text=True,
         start_new_session=True,
     )
-    dense_final = out / "trials" / "synthetic-linknet-dense" / "final.json"
+    dense_final = out / "trials" / "synthetic-linknet-dense-seed0" / "final.json"
     stage2 = out / "stage2-prune"
     deadline = time.monotonic() + 120
     while not stage2.exists() and time.monotonic() < deadline and driver.poll() is None:
@@ -129,14 +136,40 @@ def test_killed_driver_rerun_with_other_resources_finishes_the_rest(tmp_path: Pa
     assert dense_final.exists()
     stamp = dense_final.stat().st_mtime_ns
     # Resumed with other resources (as after an out-of-memory): accepted, since they change no result.
-    resources = ["--cpus-per-trial", "2", "--max-concurrent", "1", "--gpus-per-trial", "0"]
+    resources = ["--max-concurrent", "3", "--gpus-per-trial", "0"]
+    # ... and with a second seed added: its own base model and combinations, on the same split.
     rerun = subprocess.run(
-        [*_sweep_cmd(preset, out), *resources], env=env, capture_output=True, text=True, timeout=240
+        [*_sweep_cmd(preset, out), *resources, "--seeds", "0,1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert dense_final.stat().st_mtime_ns == stamp  # the finished base model was not re-run
     status = json.loads((out / "sweep_status.json").read_text())
-    assert set(status["pruned"]) == {"synthetic-linknet-agp-s0.2", "synthetic-linknet-agp-s0.5"}
+    assert set(status["pruned"]) == {
+        f"synthetic-linknet-agp-s{s}-seed{seed}" for s in (0.2, 0.5) for seed in (0, 1)
+    }
     assert all(e is None for e in status["pruned"].values())
-    records = read_jsonl(out / "trials" / "synthetic-linknet-agp-s0.5" / "metrics.jsonl")
+    seed1 = out / "trials" / "synthetic-linknet-agp-s0.5-seed1"
+    assert yaml.safe_load((seed1 / "config.yaml").read_text())["seed"] == 1
+    warm = json.loads((seed1 / "final.json").read_text())["warm_start"]
+    assert warm.endswith("synthetic-linknet-dense-seed1/checkpoints/dense.pt")
+
+    # Two seeds: one summary row per combination with n = 2 and an interval; claims show n.
+    build_report(out)
+    summary = pd.read_parquet(out / "report" / "summary.parquet").set_index(
+        ["pruner", "target_sparsity"]
+    )
+    for sparsity in (0.2, 0.5):
+        row = summary.loc[("agp", sparsity)]
+        assert row["n"] == 2 and row["seeds"] == "0,1"
+        assert row["test_miou_ci_low"] <= row["test_miou_mean"] <= row["test_miou_ci_high"]
+        assert row["iou_drop_ci_low"] <= row["iou_drop_mean"] <= row["iou_drop_ci_high"]
+    assert summary.loc[("none", 0.0), "n"] == 2
+    page = (out / "report" / "dashboard.html").read_text()
+    assert "<th>seeds</th>" in page and "LP and AGP keep IoU" in page
+    assert "Combinations over seeds" in page
+    records = read_jsonl(out / "trials" / "synthetic-linknet-agp-s0.5-seed0" / "metrics.jsonl")
     assert [r["global_epoch"] for r in records] == [1, 2, 3]

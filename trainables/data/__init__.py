@@ -158,12 +158,14 @@ def _nea_too_small(cfg: DataConfig, empty: str) -> UserError:
 def build_datasets(cfg: DataConfig, seed: int, augment: str = "cpu") -> Datasets:
     """Train (augmented) / val / test datasets; the test split is never touched by the split.
 
+    The train/val split follows `cfg.split_seed`; `seed` (the trial's) only drives augmentation.
+
     `augment`: "cpu" augments the training set in the loader (albumentations); "device" yields
     uint8 `WarpDataset` items for `WarpBatch.warp` on the training device.
     """
     train_items, test_items = split_items(cfg, "train"), split_items(cfg, "test")
     guard = cfg.nea_guard_blocks if cfg.dataset == "nea" else 0
-    train, val = train_val_split(train_items, cfg.val_fraction, seed, guard)
+    train, val = train_val_split(train_items, cfg.val_fraction, cfg.split_seed, guard)
     if cfg.dataset == "nea" and test_items and not (train and val):
         raise _nea_too_small(cfg, "training" if not train else "validation")
     if not train_items:

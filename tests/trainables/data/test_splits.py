@@ -1,13 +1,14 @@
 """NEA splits: frame blocks, the guard gap between splits, and a test split fixed per dataset."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from trainables.config import DataConfig, TrialConfig
+from trainables.config import DataConfig, SynthConfig, TrialConfig
 from trainables.data import Datasets, build_datasets
 from trainables.data.formats import frame_index
 from trainables.errors import UserError
@@ -62,7 +63,9 @@ def test_guard_keeps_every_split_away_from_training(
     nea: Path, block: int, guard: int | None, seed: int
 ) -> None:
     kwargs = {} if guard is None else {"nea_guard_blocks": guard}
-    cfg = DataConfig(dataset="nea", root=str(nea), cache=False, nea_block_size=block, **kwargs)
+    cfg = DataConfig(
+        dataset="nea", root=str(nea), cache=False, nea_block_size=block, split_seed=seed, **kwargs
+    )
     frames = _frames(build_datasets(cfg, seed))
     gap = block * (guard or 1)  # the default guard is one block
     assert all(len(f) for f in frames.values())
@@ -72,14 +75,33 @@ def test_guard_keeps_every_split_away_from_training(
     assert sum(map(len, frames.values())) < 120  # guard blocks belong to no split
 
 
-def test_test_split_is_fixed_and_val_is_seeded(nea: Path) -> None:
+def test_test_split_is_fixed_and_val_follows_the_split_seed(nea: Path) -> None:
     cfg = DataConfig(dataset="nea", root=str(nea), cache=False, nea_block_size=10)
-    runs = {seed: _frames(build_datasets(cfg, seed)) for seed in range(6)}
+    runs = {s: _frames(build_datasets(replace(cfg, split_seed=s), 0)) for s in range(6)}
     tests = {tuple(r["test"]) for r in runs.values()}
     assert len(tests) == 1
-    again = _frames(build_datasets(cfg, 3))
+    again = _frames(build_datasets(replace(cfg, split_seed=3), 0))
     assert all(np.array_equal(again[k], runs[3][k]) for k in again)
     assert len({tuple(sorted(r["val"])) for r in runs.values()}) > 1
+
+
+@pytest.mark.parametrize("dataset", ["nea", "synthetic"])
+def test_training_seed_leaves_every_split_alone(nea: Path, tmp_path: Path, dataset: str) -> None:
+    """Repeated seeds of a sweep vary the training only: one split for every trial seed."""
+    if dataset == "nea":
+        cfg = DataConfig(dataset="nea", root=str(nea), cache=False, nea_block_size=10)
+    else:
+        small = SynthConfig(train=12, test=4, size=32)
+        cfg = DataConfig(
+            dataset="synthetic", root=str(tmp_path / "synth"), cache=False, synthetic=small
+        )
+    splits = []
+    for seed in range(4):
+        data = build_datasets(cfg, seed)
+        splits.append(
+            [sorted(str(i) for i in part.items) for part in (data.train, data.val, data.test)]
+        )
+    assert all(split == splits[0] for split in splits)
 
 
 def test_guard_zero_restores_adjacent_blocks(nea: Path) -> None:
