@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(spread), "\n")
     drop_sd = float(spread.iloc[2]["median sd"])
     effects = [float(e) for e in args.effects.split(",")]
-    rows = [{"difference (mIoU)": e, "seeds needed": seeds_needed(e, drop_sd)} for e in effects]
+    rows = [
+        {"difference (mIoU)": e, "seeds needed": str(seeds_needed(e, drop_sd))} for e in effects
+    ]
     print(f"seeds for a 5% test at 80% power, at the median paired-drop sd {drop_sd:.4f}:\n")
     print(markdown(pd.DataFrame(rows)), "\n")
     claims = check_claims(run.results, run.curves)
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 "dataset": c.dataset,
                 "verdict": c.verdict,
                 "n": c.n,
-                "seeds needed": c.seeds_needed,
+                "seeds needed": "-" if c.seeds_needed is None else str(c.seeds_needed),
             }
             for c in claims
             if c.verdict != "not run"
