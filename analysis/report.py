@@ -197,22 +197,25 @@ def cell_text(value: Any, column: str) -> str:
     return str(value)
 
 
+def _facet_attributes(row: dict[str, Any]) -> str:
+    """A table row's data-* attributes, which the page's filters read."""
+    facets = {
+        "dataset": row["dataset"],
+        "model": row["model"],
+        "pruner": row["pruner"],
+        "granularity": row["granularity"],
+        "sparsity": row["target_sparsity"],
+    }
+    return " ".join(f'data-{k}="{html.escape(str(v))}"' for k, v in facets.items())
+
+
 def _results_html(results: pd.DataFrame, dataset: str, class_names: list[str]) -> str:
     rows = with_granularity(results[results["dataset"] == dataset])
     columns = [*TABLE_COLUMNS, *((f"iou_{column_name(n)}", f"IoU {n}") for n in class_names)]
     head = "".join(f"<th>{html.escape(label)}</th>" for _, label in columns)
     body = []
     for row in rows.to_dict("records"):
-        facets = " ".join(
-            f'data-{k}="{html.escape(str(v))}"'
-            for k, v in (
-                ("dataset", row["dataset"]),
-                ("model", row["model"]),
-                ("pruner", row["pruner"]),
-                ("granularity", row["granularity"]),
-                ("sparsity", row["target_sparsity"]),
-            )
-        )
+        facets = _facet_attributes(row)
         cells = "".join(f"<td>{html.escape(cell_text(row.get(c), c))}</td>" for c, _ in columns)
         body.append(f'<tr class="status-{row["status"]}" {facets}>{cells}</tr>')
     return f'<table class="results"><tr>{head}</tr>{"".join(body)}</table>'
@@ -252,16 +255,7 @@ def _summary_html(summary: pd.DataFrame, dataset: str) -> str:
             f"{row['n']} ({row['seeds']})", _interval(row, "test_miou"),
             _interval(row, "iou_drop"), _interval(row, "iou_drop_rel", "{:.1%}"),
         ]  # fmt: skip
-        facets = " ".join(
-            f'data-{k}="{html.escape(str(v))}"'
-            for k, v in (
-                ("dataset", row["dataset"]),
-                ("model", row["model"]),
-                ("pruner", row["pruner"]),
-                ("granularity", row["granularity"]),
-                ("sparsity", row["target_sparsity"]),
-            )
-        )
+        facets = _facet_attributes(row)
         body.append(
             f"<tr {facets}>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"
         )
