@@ -57,7 +57,7 @@ def test_channel_pruned_checkpoint_loads_slim_and_round_trips(arch: str, tmp_pat
     assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in masked.parameters())
     export_compact(slim.eval(), cfg, tmp_path / "slim.safetensors")
     loaded, _ = load_compact(tmp_path / "slim.safetensors")
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         expected = masked(x)
         torch.testing.assert_close(slim.eval()(x), expected, atol=1e-4, rtol=1e-4)
@@ -83,7 +83,7 @@ def test_compact_round_trip_gives_identical_outputs(arch: str, tmp_path: Path) -
     model, cfg = pruned_model(arch)
     export_compact(model, cfg, tmp_path / "m.safetensors")
     loaded, loaded_cfg = load_compact(tmp_path / "m.safetensors")
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
     assert loaded_cfg.model.arch == arch
@@ -98,7 +98,7 @@ def test_compact_file_is_small_at_90_percent(tmp_path: Path) -> None:
     assert (tmp_path / "c32.safetensors").stat().st_size <= 0.15 * dense
     assert (tmp_path / "c16.safetensors").stat().st_size <= 0.10 * dense
     loaded, _ = load_compact(tmp_path / "c16.safetensors")
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(model(x), loaded(x), atol=1e-2)
 

@@ -12,7 +12,7 @@ from trainables.models import ARCHITECTURES, build_model
 ARCHS = sorted(ARCHITECTURES)
 
 
-def _batch(n: int = 4, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(n: int = 4, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -32,7 +32,7 @@ def test_loss_falls_on_synthetic_data(arch: str) -> None:
     images, masks = _batch()
     model.train()
     losses = []
-    for _ in range(15):
+    for _ in range(10):
         optimizer.zero_grad()
         loss = loss_fn(model(images), masks)
         loss.backward()
