@@ -14,10 +14,10 @@ import pandas as pd
 import yaml
 
 from analysis.latency import apply_measured_latency
-from sweep.identity import CHANNEL, DENSE, ELEMENT, TrialId, sweep_grid, trial_id
+from sweep.identity import CHANNEL, COUPLED, DENSE, ELEMENT, TrialId, sweep_grid, trial_id
 
 STATUSES = ("finished", "errored", "running")
-GRANULARITY_ORDER = (ELEMENT, CHANNEL)
+GRANULARITY_ORDER = (ELEMENT, CHANNEL, COUPLED)
 # final.json's `inference` block -> results columns (absent in runs made before it existed: NaN)
 INFERENCE_COLUMNS = {
     "params": "params_deploy",
@@ -209,7 +209,11 @@ def results_table(run_dir: Path) -> tuple[pd.DataFrame, dict[str, list[str]]]:
     dense_first = frame.assign(_pruned=frame["pruner"] != DENSE)
     order = dense_first.sort_values(
         ["dataset", "model", "_pruned", "granularity", "pruner", "target_sparsity", "seed"],
-        key=lambda c: c.map({ELEMENT: 0, CHANNEL: 1}).fillna(2) if c.name == "granularity" else c,
+        key=lambda c: (
+            c.map({g: i for i, g in enumerate(GRANULARITY_ORDER)}).fillna(len(GRANULARITY_ORDER))
+            if c.name == "granularity"
+            else c
+        ),
     )
     return frame.loc[order.index].reset_index(drop=True), class_names
 

@@ -16,10 +16,11 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from analysis.collect import CHANNEL, DENSE, ELEMENT, GRANULARITY_ORDER, column_name
+from analysis.collect import DENSE, ELEMENT, GRANULARITY_ORDER, column_name
 from analysis.images import IGNORE_RGB, PALETTE, PALETTE_NAMES, colorize, downscale, png_data_uri
 from analysis.latency import MEASURE_HINT, latency_note
 from analysis.stats import by_combination
+from sweep.identity import COUPLED, STRUCTURED
 
 MODEL_ORDER = ("unet", "unetplusplus", "fpn", "linknet", "manet")
 PRUNER_ORDER = ("lp", "agp", "mp", "magnitude")
@@ -173,7 +174,7 @@ def pruning_figure(curves: pd.DataFrame, dataset: str) -> go.Figure:
             line={
                 "color": model_colour(model, models),
                 "dash": DASHES.get(pruner, "solid"),
-                "width": 3 if granularity == CHANNEL else 2,
+                "width": 3 if granularity in STRUCTURED else 2,
             },
             marker={
                 "symbol": np.where(updated, "diamond", "circle").tolist(),
@@ -293,11 +294,14 @@ def _sparsity_traces(
 
 
 def _symbol(pruner: str, granularity: str) -> str:
-    """Marker per pruner; filled for element-wise trials, open for channel ones, star for dense."""
+    """Marker per pruner; filled for element-wise trials, open for channel ones, open with a dot
+    for coupled ones, star for dense."""
     if pruner == DENSE:
         return "star"
     symbol = SYMBOLS.get(pruner, "x")
-    return f"{symbol}-open" if granularity == CHANNEL else symbol
+    if granularity == COUPLED:
+        return f"{symbol}-open-dot"
+    return f"{symbol}-open" if granularity in STRUCTURED else symbol
 
 
 def sparsity_figure(results: pd.DataFrame, dataset: str) -> go.Figure:
@@ -575,7 +579,14 @@ def pareto_figure(results: pd.DataFrame, dataset: str, cost: Cost) -> go.Figure:
         trials = trials.assign(**{cost.front_by: trials[cost.front_by].fillna("unknown")})
         keys.append(cost.front_by)
     points = by_combination(trials, "test_miou", keys) if not trials.empty else trials
-    legend = "; open markers = channel pruning" if (trials["granularity"] == CHANNEL).any() else ""
+    structured = set(trials["granularity"]) & set(STRUCTURED)
+    legend = (
+        "; open markers = channel pruning, with a dot: coupled"
+        if COUPLED in structured
+        else "; open markers = channel pruning"
+        if structured
+        else ""
+    )
     title = f"Test mIoU against {cost.what}, {dataset} (line: Pareto front{legend})"
     title += _seeds_note(results, dataset)
     fig = go.Figure(_pareto_points(points, cost, dataset))

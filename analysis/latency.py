@@ -118,7 +118,7 @@ def busy_warning(load: float | None, cores: int, threads: int) -> str | None:
 def machine_block(threads: int, repeats: int) -> dict[str, Any]:
     import torch
 
-    from trainables.bench_infer import cpu_name
+    from trainables.cost import cpu_name
 
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -160,14 +160,17 @@ def image_size(cfg: TrialConfig, final: dict[str, Any]) -> tuple[int, int]:
 
 
 def is_channel_pruned(cfg: TrialConfig) -> bool:
-    return cfg.pruned and cfg.pruning.granularity == "channel"
+    """Structured (channel or coupled) pruning: the trial deploys a slim model of its own."""
+    from trainables.config import STRUCTURED
+
+    return cfg.pruned and cfg.pruning.granularity in STRUCTURED
 
 
 def deployable(trial_dir: Path, cfg: TrialConfig) -> nn.Module:
     """What the trial deploys: the slim model cut from its final.pt when channel-pruned, else the
     dense architecture with random weights (zeros in dense kernels cost as much as any weight)."""
     if is_channel_pruned(cfg):
-        from trainables.trial import model_from_checkpoint
+        from deploy.artefacts import model_from_checkpoint
 
         model, _ = model_from_checkpoint(trial_dir / "checkpoints" / "final.pt")  # masks -> slim
         return model.eval()
@@ -188,10 +191,10 @@ def time_model(model: nn.Module, size: tuple[int, int], repeats: int) -> tuple[f
     """Median and p90 wall time (ms) of batch-1 forward passes with this process's torch threads."""
     import torch
 
-    from trainables import bench_infer
+    from trainables import cost
 
     x = torch.randn(1, 3, *size)  # (1, 3, H, W)
-    times = bench_infer.latency_ms(model.eval(), x, repeats, warmup=WARMUP)  # sorted
+    times = cost.latency_ms(model.eval(), x, repeats, warmup=WARMUP)  # sorted
     return statistics.median(times), times[min(len(times) - 1, int(0.9 * len(times)))]
 
 

@@ -1,4 +1,4 @@
-"""The `corroprune` command line: data tools, one trial, the sweep, reports."""
+"""The `corroprune` command line: data tools, one trial, the sweep, deployment, reports."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis.cli import add_report_commands
+from deploy.cli import add_deploy_commands
 from sweep.tune_cli import (
     add_demo_command,
     add_sweep_command,
@@ -191,114 +192,6 @@ def summary_line(result: dict[str, Any], out: Path) -> str:
     return "\n".join(lines)
 
 
-def add_model_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="compact sparse file or ONNX from a checkpoint")
-    p.add_argument("checkpoint", type=Path, help="final.pt / dense.pt / last.pt of a run")
-    p.add_argument("--format", choices=("compact", "onnx"), required=True)
-    p.add_argument("--fp16", action="store_true", help="compact: store non-zeros as float16")
-    p.add_argument(
-        "--size",
-        type=int,
-        nargs=2,
-        default=(512, 512),
-        metavar=("H", "W"),
-        help="onnx: example input size (the exported graph takes any multiple of 32)",
-    )
-    p.add_argument("--out", type=Path, required=True)
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser("predict", help="overlays, masks and corroded area per class for images")
-    p.add_argument("checkpoint", type=Path, help="a .pt checkpoint or a compact .safetensors file")
-    p.add_argument("images", type=Path, nargs="+", help="image files or folders")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.set_defaults(func=cmd_predict)
-
-
-def add_bench_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench-infer", help="latency, parameters, MACs, file size, peak memory")
-    p.add_argument("checkpoints", type=Path, nargs="+", help=".pt checkpoints or compact files")
-    p.add_argument(
-        "--size",
-        type=int,
-        nargs=2,
-        default=(736, 1280),
-        metavar=("H", "W"),
-        help="input size (default: an NEA frame padded to 736x1280)",
-    )
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--json", type=Path, help="also write the measurements here")
-    p.set_defaults(func=cmd_bench)
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
-    from trainables.bench_infer import bench, table
-    from trainables.checkpoint import write_json
-
-    missing = [str(p) for p in args.checkpoints if not p.is_file()]
-    if missing:
-        raise UserError(f"checkpoint not found: {', '.join(missing)}")
-    h, w = args.size
-    if h % 32 or w % 32 or args.repeats < 1:
-        raise UserError(f"--size {h} {w}: multiples of 32; --repeats at least 1")
-    results = bench(args.checkpoints, h, w, args.repeats, args.threads, args.device)
-    print(f"# batch 1, {h}x{w}, {args.device}, {args.threads} thread(s), {args.repeats} runs")
-    print(table(results))
-    if args.json:
-        write_json(args.json, [asdict(r) for r in results])
-    return 0
-
-
-def load_any_model(path: Path):
-    """A model and its config from a .pt checkpoint or a compact export."""
-    from trainables.export import load_compact
-    from trainables.trial import model_from_checkpoint
-
-    if path.suffix == ".safetensors":
-        return load_compact(path)
-    return model_from_checkpoint(path)
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from trainables.export import export_compact, export_onnx, verify_onnx
-
-    model, cfg = load_any_model(args.checkpoint)
-    model.eval()
-    if args.format == "compact":
-        export_compact(model, cfg, args.out, fp16=args.fp16)
-        dense = args.checkpoint.stat().st_size
-        size = args.out.stat().st_size
-        print(
-            f"compact model written to {args.out}: {size / 2**20:.2f} MiB "
-            f"({100 * size / dense:.1f}% of the {dense / 2**20:.2f} MiB checkpoint)"
-        )
-        return 0
-    h, w = args.size
-    if h % 32 or w % 32:
-        raise UserError(f"--size {h} {w}: height and width must be multiples of 32")
-    export_onnx(model, args.out, height=h, width=w)
-    error = verify_onnx(model, args.out, height=h, width=w)
-    print(f"ONNX model written to {args.out}; onnxruntime matches torch (max abs diff {error:.2e})")
-    return 0
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    from trainables.data.formats import CLASS_NAMES
-    from trainables.engine import resolve_device
-    from trainables.predict import collect_images, predict_files, summary
-
-    model, cfg = load_any_model(args.checkpoint)
-    names = list(CLASS_NAMES.get(cfg.data.classes, [f"class{i}" for i in range(cfg.data.classes)]))
-    images = collect_images(args.images)
-    done, failed = predict_files(model, images, args.out, names, resolve_device(args.device))
-    print(summary(done, failed, args.out))
-    return 1 if failed else 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="corroprune",
@@ -307,8 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_data_commands(sub)
     add_train_command(sub)
-    add_model_commands(sub)
-    add_bench_command(sub)
+    add_deploy_commands(sub)  # deploy/cli.py: export, predict, evaluate, bench-infer
     add_sweep_command(sub)
     add_demo_command(sub)
     add_tune_command(sub)

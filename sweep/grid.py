@@ -18,7 +18,7 @@ class SweepConfig:
     models: tuple[str, ...] = ARCHS
     pruners: tuple[str, ...] = ("lp", "agp", "mp")
     sparsities: tuple[float, ...] = (0.2, 0.5, 0.9)
-    granularities: tuple[str, ...] = ("element",)  # element (the paper) and/or channel
+    granularities: tuple[str, ...] = ("element",)  # element (the paper), channel, coupled
     # Training seeds: each trains its own dense base and its own pruned trials. None: the trial
     # template's `seed`. The train/val/test split does not depend on them (data.split_seed).
     seeds: tuple[int, ...] | None = None

@@ -183,6 +183,7 @@ def search_one(
                     reduction_factor=search.reduction_factor,
                 ),
                 max_concurrent_trials=search.max_concurrent or None,
+                reuse_actors=True,  # one process per slot, as in the sweep (sweep/tune.py)
             ),
             run_config=tune.RunConfig(
                 name="search",
@@ -243,9 +244,9 @@ def summarize_search(base: dict[str, Any], grid: Any, out: Path) -> dict[str, An
 
 def test_once(checkpoint: Path) -> dict[str, Any]:
     """The chosen configuration's model on the test split: the only time a search touches it."""
+    from deploy.artefacts import model_from_checkpoint
     from trainables import engine
     from trainables.data import build_datasets
-    from trainables.trial import model_from_checkpoint
 
     model, cfg = model_from_checkpoint(checkpoint)
     data = build_datasets(cfg.data, cfg.seed)

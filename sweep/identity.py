@@ -7,6 +7,7 @@ to `TrialId`).
     sscs-fpn-dense-seed0              the dense base of (sscs, fpn) for seed 0
     sscs-fpn-agp-s0.9-seed1           AGP, element-wise (the paper), 90% sparsity, seed 1
     sscs-fpn-agp-channel-s0.9-seed1   the same pruner and sparsity, whole channels
+    sscs-fpn-agp-coupled-s0.9-seed1   ... every channel, coupled channels together
 
 Folders written before the seed axis have no `-seed<n>` suffix; they read as seed 0. The encoder
 is one per sweep (it comes from the trial config), so it is part of the identity but not of the
@@ -24,8 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 DENSE = "none"  # pruner (and granularity) of a dense, unpruned trial
-ELEMENT, CHANNEL = "element", "channel"
-GRANULARITIES = (ELEMENT, CHANNEL)
+ELEMENT, CHANNEL, COUPLED = "element", "channel", "coupled"
+GRANULARITIES = (ELEMENT, CHANNEL, COUPLED)
+STRUCTURED = (CHANNEL, COUPLED)  # the final model is cut slim
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,8 @@ SELECT_KEYS = tuple(a.field for a in AXES)
 
 _NAME = re.compile(
     r"^(?P<dataset>.+)-(?P<model>[^-]+)-"
-    r"(?:dense|(?P<pruner>(?!(?:channel|element)-s)[^-]+)"
-    r"(?:-(?P<granularity>channel|element))?-s(?P<sparsity>[0-9.]+))"
+    r"(?:dense|(?P<pruner>(?!(?:channel|coupled|element)-s)[^-]+)"
+    r"(?:-(?P<granularity>channel|coupled|element))?-s(?P<sparsity>[0-9.]+))"
     r"(?:-seed(?P<seed>[0-9]+))?$"
 )
 

@@ -13,7 +13,8 @@ from trainables.errors import UserError
 DATASETS = ("synthetic", "sscs", "nea", "folder")
 ARCHS = ("unet", "unetplusplus", "fpn", "linknet", "manet")
 PRUNERS = ("none", "lp", "agp", "mp", "magnitude")
-GRANULARITIES = ("element", "channel")
+GRANULARITIES = ("element", "channel", "coupled")
+STRUCTURED = ("channel", "coupled")  # granularities whose final model is cut slim
 SCOPES = ("layer", "global")
 DEVICES = ("auto", "cpu", "cuda")
 COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
@@ -108,12 +109,18 @@ class StagesConfig:
 @dataclass(frozen=True)
 class PruningConfig:
     pruner: str = "none"
-    sparsity: float = 0.0  # target fraction of prunable weights (or channels) set to zero
+    # target fraction of prunable weights removed (granularity channel: of prunable channels)
+    sparsity: float = 0.0
     initial_sparsity: float = 0.0
     steps: int = 5  # LP/AGP mask updates, evenly spaced through the prune stage
-    granularity: str = "element"  # single weights, or whole channels (physically removable)
-    scope: str = "layer"  # rank within each layer, or globally across layers (element only)
-    exclude: tuple[str, ...] = ("segmentation_head",)  # module-name prefixes never pruned
+    # single weights; channels only one convolution reads; or coupled channel groups (residual
+    # streams, skips, GroupNorm groups): the last two physically removable
+    granularity: str = "element"
+    # rank within each layer (coupled: each group loses the same fraction), or globally
+    # (element and coupled only)
+    scope: str = "layer"
+    # module-name prefixes never pruned (coupled: their output channels are kept)
+    exclude: tuple[str, ...] = ("segmentation_head",)
     mp_warmup_epochs: int = 20  # movement pruning: dense epochs at the start of the prune stage
     mp_cooldown_epochs: int = 10  # movement pruning: epochs at the target before fine-tuning
 
@@ -375,10 +382,11 @@ def validate(cfg: TrialConfig) -> None:
         f"in [0, sparsity={p.sparsity}]",
     )
     _check(
-        p.granularity == "element" or p.scope == "layer",
+        p.granularity != "channel" or p.scope == "layer",
         "pruning.scope",
         p.scope,
-        "'layer' with pruning.granularity 'channel' (every layer keeps its share of channels)",
+        "'layer' with pruning.granularity 'channel' (every layer keeps its share of channels); "
+        "for a global ranking of channels use pruning.granularity 'coupled'",
     )
     if cfg.pruned:
         _check(p.sparsity > 0, "pruning.sparsity", p.sparsity, "above 0 when a pruner is set")

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from trainables import engine
 from trainables.checkpoint import (
@@ -31,6 +30,7 @@ from trainables.checkpoint import (
     write_yaml,
 )
 from trainables.config import TrialConfig
+from trainables.cost import inference_summary
 from trainables.data import build_datasets
 from trainables.data.dataset import epoch_seed
 from trainables.errors import UserError
@@ -38,6 +38,7 @@ from trainables.models import build_model
 from trainables.provenance import code_version
 from trainables.pruning.masks import sparsity_stats
 from trainables.pruning.pruner import Pruner
+from trainables.pruning.surgery import slim
 
 Reporter = Callable[[dict[str, Any]], None]
 EXAMPLES = 4  # test images whose predictions are kept for the report
@@ -377,9 +378,6 @@ class Trial:
 
     def inference(self, masks: dict[str, torch.Tensor] | None) -> dict[str, Any]:
         """The deployable model's cost (slim when channel-pruned) at the test images' size."""
-        from trainables.bench_infer import inference_summary
-        from trainables.export import slim
-
         size = tuple(self.data.test[0][0].shape[-2:]) if len(self.data.test) else (512, 512)
         deployable = slim(copy.deepcopy(self.model).cpu(), self.cfg, masks)
         return inference_summary(self.model, deployable, size, self.cfg.runtime.latency_repeats)
@@ -464,17 +462,3 @@ def run_trial(
         cfg, out, warm, reporter, finetune_only=finetune_only, evaluate_test=evaluate_test
     )
     return trial.run()
-
-
-def model_from_checkpoint(path: Path) -> tuple[nn.Module, TrialConfig]:
-    """The model stored in a corroprune checkpoint (dense.pt, final.pt, last.pt), masks applied;
-    a channel-pruned final.pt comes back slim (its dropped channels cut out)."""
-    from trainables.export import slim
-
-    state = load_checkpoint(path)
-    if "config" not in state or "model" not in state:
-        raise UserError(f"{path} is not a corroprune checkpoint (no config/model)")
-    cfg = TrialConfig.from_dict(state["config"]).replace(model={"encoder_weights": None})
-    model = build_model(cfg.model, cfg.data.classes)
-    model.load_state_dict(state["model"])
-    return slim(model, cfg, state.get("masks")), cfg

@@ -22,7 +22,7 @@ from analysis.latency import (
 )
 from sweep.cli import main
 from sweep.identity import DENSE, ELEMENT
-from trainables import bench_infer
+from trainables import cost
 from trainables.checkpoint import save_checkpoint, write_json, write_yaml
 from trainables.config import TrialConfig
 from trainables.errors import UserError
@@ -105,13 +105,13 @@ def tiny_run(tiny_run_template: Path, tmp_path: Path) -> Path:
 def timed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Parameter counts of the models the real timing function was called on, in order."""
     calls: list[int] = []
-    real = bench_infer.latency_ms
+    real = cost.latency_ms
 
     def counting(model, x, repeats, warmup=3):
         calls.append(sum(p.numel() for p in model.parameters()))
         return real(model, x, repeats, warmup)
 
-    monkeypatch.setattr(bench_infer, "latency_ms", counting)
+    monkeypatch.setattr(cost, "latency_ms", counting)
     return calls
 
 
@@ -144,7 +144,7 @@ def test_each_architecture_timed_once_and_element_trials_take_the_dense_figure(
 
     saved = json.loads((tiny_run / LATENCY_FILE).read_text())
     machine = saved["machine"]
-    assert machine["cpu"] == bench_infer.cpu_name() and machine["threads"] == 1
+    assert machine["cpu"] == cost.cpu_name() and machine["threads"] == 1
     assert machine["torch"] == torch.__version__ and machine["repeats"] == 3
     assert {"hostname", "measured_at", "load_1min", "warning"} <= set(machine)
     assert [a["trials"] for a in saved["architectures"]] == [

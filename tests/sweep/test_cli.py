@@ -33,6 +33,22 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
             "expected numbers",
         ),
         (["tune", "--from", "/nonexistent", "--out", "X"], "not a sweep folder"),
+        (["evaluate", "/nonexistent/final.pt"], "model file not found: /nonexistent/final.pt"),
+        (["evaluate", "model.h5"], "model.h5: unknown model file type '.h5'"),
+        (["predict", "/nonexistent.onnx", "a.png", "--out", "X"], "model file not found"),
+        (["bench-infer", "/nonexistent.pt"], "model file not found: /nonexistent.pt"),
+        (
+            ["export", "/nonexistent.pt", "--format", "onnx-int8", "--out", "X/m.onnx"],
+            "model file not found",
+        ),
+        (
+            ["export", "m.pt", "--format", "compact", "--out", "X/m.onnx"],
+            "--format compact writes a .safetensors file",
+        ),
+        (
+            ["export", "m.pt", "--format", "onnx", "--calibration-images", "8", "--out", "X.onnx"],
+            "--calibration-images: only for --format onnx-int8",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(

@@ -10,11 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from deploy.artefacts import model_from_checkpoint
 from tests.conftest import tiny_config
 from trainables.checkpoint import append_jsonl, load_checkpoint, read_jsonl, save_checkpoint
 from trainables.config import RuntimeConfig, TrialConfig, merge
+from trainables.cost import gmacs
 from trainables.errors import UserError
-from trainables.trial import model_from_checkpoint, run_trial
+from trainables.models import build_model
+from trainables.trial import run_trial
 
 RECORD_KEYS = {
     "stage",
@@ -369,6 +372,26 @@ def test_channel_pruned_trial_records_a_slim_deployable_model(tmp_path) -> None:
     assert inference["compact_fp16_mib"] < inference["compact_mib"] < inference["dense_fp32_mib"]
     slim, _ = model_from_checkpoint(tmp_path / "checkpoints" / "final.pt")
     assert sum(p.numel() for p in slim.parameters()) == inference["params"]
+
+
+def test_coupled_pruned_trial_records_a_slim_deployable_model(tmp_path) -> None:
+    """Coupled pruning masks through the prune stage and fine-tuning; the deployable model is cut
+    slim from final.pt (coupled channels gone together) and is what the trial's cost describes."""
+    config = _tiny(
+        model={"arch": "unet"},
+        pruning={"pruner": "agp", "sparsity": 0.5, "granularity": "coupled"},
+    )
+    cfg = TrialConfig.from_dict(config)
+    result = run_trial(cfg, tmp_path)
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert {r["stage"] for r in records} >= {"prune", "finetune"}
+    inference = result["inference"]
+    slim, _ = model_from_checkpoint(tmp_path / "checkpoints" / "final.pt")
+    assert sum(p.numel() for p in slim.parameters()) == inference["params"]
+    assert inference["params"] < 0.7 * result["total_params"]
+    dense = build_model(cfg.model, cfg.data.classes).eval()
+    x = torch.randn(1, 3, *inference["size"])
+    assert inference["gmacs"] < 0.8 * gmacs(dense, x)  # coupled channels cut: real work saved
 
 
 def test_channel_granularity_rejects_global_scope() -> None:

@@ -1,13 +1,12 @@
 """Pruning: schedules equal the paper's equations, Taylor ranks like the true loss change, masks hold."""
 
-import io
-
 import numpy as np
 import pytest
 import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
+from tests.trainables.pruning.restore import restored
 from trainables.config import PruningConfig
 from trainables.pruning.importance import movement_score, taylor_score
 from trainables.pruning.masks import global_masks, layer_masks, prunable_parameters
@@ -140,14 +139,7 @@ def test_pruned_weights_stay_zero_through_momentum_and_a_checkpoint() -> None:
         buf = opt.state[p]["momentum_buffer"]
         assert (buf[~pruner.masks.masks[name]] == 0).all()
     assert pruner.masks.sparsity() == pytest.approx(0.9, abs=1e-3)
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "pruner": pruner.state_dict()}, buffer)
-    buffer.seek(0)
-    state = torch.load(buffer, weights_only=True)
-    fresh_model = _model()
-    fresh_model.load_state_dict(state["model"])
-    fresh = Pruner(cfg, fresh_model, prune_epochs=2, iters_per_epoch=3)
-    fresh.load_state_dict(state["pruner"])
+    fresh_model, fresh = restored(model, pruner, cfg, _model, prune_epochs=2, iters_per_epoch=3)
     assert fresh.frozen
     _train_steps(fresh_model, fresh, 3, stage_prune=False)
     for name, p in fresh.masks.params.items():

@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
-from torch import nn
 
+from deploy.artefacts import Artefact
 from trainables.checkpoint import write_json, write_text
 from trainables.data.warp import IMAGENET_MEAN, IMAGENET_STD
 from trainables.errors import UserError
@@ -59,18 +58,20 @@ def read_rgb(path: Path) -> np.ndarray:
         raise UserError(f"{path}: unreadable image ({err})") from None
 
 
-@torch.no_grad()
-def predict_mask(
-    model: nn.Module, rgb: np.ndarray, device: torch.device, multiple: int = 32
-) -> np.ndarray:
-    """Class index per pixel for an image of any size (padded to a multiple of 32, then cropped)."""
+def preprocess(rgb: np.ndarray, multiple: int = 32) -> np.ndarray:
+    """A model's input for an image of any size: ImageNet-normalised, then padded with zeros at
+    the bottom/right to a multiple of 32. (1, 3, H', W') float32."""
     h, w = rgb.shape[:2]
-    ph, pw = -h % multiple, -w % multiple
-    x = (rgb.astype(np.float32) / 255.0 - MEAN) / STD
-    x = np.pad(x, ((0, ph), (0, pw), (0, 0)))
-    tensor = torch.from_numpy(x).permute(2, 0, 1).unsqueeze(0).to(device)  # (1, 3, H', W')
-    logits = model(tensor)  # (1, C, H', W')
-    return logits.argmax(1)[0, :h, :w].byte().cpu().numpy()
+    x = (rgb.astype(np.float32) / 255.0 - MEAN) / STD  # (H, W, 3)
+    x = np.pad(x, ((0, -h % multiple), (0, -w % multiple), (0, 0)))
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+def predict_mask(model: Artefact, rgb: np.ndarray) -> np.ndarray:
+    """Class index per pixel (H, W) uint8 for an image of any size (padded, then cropped)."""
+    h, w = rgb.shape[:2]
+    logits = model(preprocess(rgb))  # (1, C, H', W')
+    return logits[0, :, :h, :w].argmax(0).astype(np.uint8)
 
 
 def overlay(rgb: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -88,11 +89,11 @@ def _save_png(array: np.ndarray, path: Path) -> None:
 
 
 def predict_files(
-    model: nn.Module, images: list[Path], out: Path, class_names: list[str], device: torch.device
+    model: Artefact, images: list[Path], out: Path
 ) -> tuple[list[Prediction], list[tuple[Path, str]]]:
     """Writes `<stem>_overlay.png`, `<stem>_mask.png` per image; bad images are reported, not fatal."""
     out.mkdir(parents=True, exist_ok=True)
-    model = model.to(device).eval()
+    class_names = list(model.class_names)
     done: list[Prediction] = []
     failed: list[tuple[Path, str]] = []
     for path in images:
@@ -101,7 +102,7 @@ def predict_files(
         except UserError as err:
             failed.append((path, str(err)))
             continue
-        mask = predict_mask(model, rgb, device)
+        mask = predict_mask(model, rgb)
         counts = np.bincount(mask.ravel(), minlength=len(class_names))[: len(class_names)]
         area = (100.0 * counts / mask.size).round(3).tolist()
         _save_png(overlay(rgb, mask), out / f"{path.stem}_overlay.png")
