@@ -30,8 +30,9 @@ format: venv
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Two workers, a test file on one; the tests that start Ray share one (tests/conftest.py).
 test: venv lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2
 
 # Debian's Chromium and its driver for the report's browser tests (they skip without them).
 browser:

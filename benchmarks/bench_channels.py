@@ -23,9 +23,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from trainables.bench_infer import cpu_name, gmacs, latency_ms  # noqa: E402
+from trainables.compact import compact_bytes  # noqa: E402
 from trainables.config import ModelConfig, PruningConfig  # noqa: E402
-from trainables.export import compact_bytes  # noqa: E402
+from trainables.cost import cpu_name, gmacs, latency_ms  # noqa: E402
 from trainables.models import build_model  # noqa: E402
 from trainables.pruning import channels  # noqa: E402
 from trainables.pruning.pruner import Pruner  # noqa: E402

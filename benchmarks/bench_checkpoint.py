@@ -29,8 +29,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import torch  # noqa: E402
 
 from sweep.config import load_preset, trial_config  # noqa: E402
-from trainables.bench_infer import cpu_name  # noqa: E402
 from trainables.config import RuntimeConfig, TrialConfig  # noqa: E402
+from trainables.cost import cpu_name  # noqa: E402
 from trainables.engine import build_optimizer  # noqa: E402
 from trainables.trial import Position, Trial, stage_plan  # noqa: E402
 

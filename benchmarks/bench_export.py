@@ -16,8 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from deploy.export import export_compact  # noqa: E402
 from trainables.config import TrialConfig  # noqa: E402
-from trainables.export import export_compact  # noqa: E402
 from trainables.models import build_model  # noqa: E402
 from trainables.pruning.pruner import Pruner  # noqa: E402
 

@@ -37,8 +37,8 @@ import cv2  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from trainables.bench_infer import cpu_name  # noqa: E402
 from trainables.config import DataConfig, SynthConfig  # noqa: E402
+from trainables.cost import cpu_name  # noqa: E402
 from trainables.data import build_datasets, decoded_root  # noqa: E402
 from trainables.data.dataset import (  # noqa: E402
     SegmentationDataset,

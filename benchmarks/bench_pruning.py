@@ -24,8 +24,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
 
-from trainables.bench_infer import cpu_name  # noqa: E402
 from trainables.config import LossConfig, ModelConfig, OptimConfig, PruningConfig  # noqa: E402
+from trainables.cost import cpu_name  # noqa: E402
 from trainables.engine import build_loss, build_optimizer, resolve_device  # noqa: E402
 from trainables.models import ARCHITECTURES, build_model  # noqa: E402
 from trainables.pruning.pruner import Pruner  # noqa: E402

@@ -40,7 +40,6 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from trainables.bench_infer import cpu_name  # noqa: E402
 from trainables.checkpoint import read_jsonl  # noqa: E402
 from trainables.config import (  # noqa: E402
     ARCHS,
@@ -50,6 +49,7 @@ from trainables.config import (  # noqa: E402
     RuntimeConfig,
     TrialConfig,
 )
+from trainables.cost import cpu_name  # noqa: E402
 from trainables.data import warp  # noqa: E402
 from trainables.data.dataset import WarpBatch  # noqa: E402
 from trainables.engine import (  # noqa: E402

@@ -149,7 +149,10 @@ def test_sweep_scales_gpu_workers_from_zero(autoscaling_cluster: dict, tmp_path:
     head = ray.get_runtime_context().get_node_id()
     nodes = {e["node_id"] for e in envs.values()}
     assert head not in nodes and 1 <= len(nodes) <= MAX_WORKERS  # workers, launched on demand
-    assert ray.cluster_resources().get("GPU", 0) == len(nodes) * per_node["GPU"]
+    # Only GPU workers were launched, within max_workers. (A finished trial's process takes the
+    # next trial, so a node launched for the demand may end up idle: the autoscaler retires it.)
+    launched = ray.cluster_resources().get("GPU", 0) / per_node["GPU"]
+    assert len(nodes) <= launched <= MAX_WORKERS
     for a in trials:  # one GPU per node: trials on one node never overlap in time
         for b in trials:
             same = a < b and envs[a.name]["node_id"] == envs[b.name]["node_id"]

@@ -1,5 +1,5 @@
-"""The sweep on a real local Ray: end to end with a base model that fails and then recovers, and a
-killed driver's re-run with other resources. Cluster behaviour (a crashed trial resuming on
+"""The sweep on a real local Ray: end to end with a base model that fails and then recovers (a
+seed added on the re-run), and a killed driver's re-run with other resources. Cluster behaviour (a crashed trial resuming on
 another node included): test_cluster_sim.py."""
 
 import json
@@ -60,22 +60,21 @@ def test_sweep_end_to_end_and_a_base_model_that_recovers(
     assert "finished synthetic-linknet-agp-s0.5" in printed and "best test mIoU" in printed
 
     # The base recovers (the bad file is gone): a re-run gives it all its combinations and runs
-    # nothing that finished.
+    # nothing that finished; a second seed added on the way trains its own bases and combinations.
     (bad / "last.pt").unlink()
     finished = tmp_path / "trials" / "synthetic-linknet-agp-s0.5-seed0" / "final.json"
     stamp = finished.stat().st_mtime_ns
-    status = run_sweep(request)
+    two_seeds = SweepConfig.from_dict({**TINY_SWEEP, "max_failures": 0, "seeds": [0, 1]})
+    status = run_sweep(SweepRequest("tiny", two_seeds, _template(), tmp_path, {}))
     assert status["failed_base_models"] == [] and status["dropped_combinations"] == []
-    assert set(status["dense"]) == {"synthetic-fpn-dense-seed0", "synthetic-linknet-dense-seed0"}
-    assert status["pruned"] == {
-        "synthetic-fpn-agp-s0.5-seed0": None,
-        "synthetic-linknet-agp-s0.5-seed0": None,
-    }
+    names = {f"synthetic-{m}-{{}}-seed{s}" for m in ("fpn", "linknet") for s in (0, 1)}
+    assert set(status["dense"]) == {n.format("dense") for n in names}
+    assert status["pruned"] == {n.format("agp-s0.5"): None for n in names}
     assert all(err is None for err in status["dense"].values())
     assert finished.stat().st_mtime_ns == stamp
     printed = capsys.readouterr().out
-    assert "[stage2-prune] 2 trials: 1 finished earlier, 1 to run" in printed
-    assert "finished synthetic-fpn-agp-s0.5" in printed and "done 2/2" in printed
+    assert "[stage2-prune] 4 trials: 1 finished earlier, 3 to run" in printed
+    assert "finished synthetic-fpn-agp-s0.5-seed0" in printed and "done 4/4" in printed
     assert "predicting all background would score" in printed
     for name in [*status["dense"], *status["pruned"]]:
         trial = tmp_path / "trials" / name
@@ -98,26 +97,47 @@ def test_sweep_end_to_end_and_a_base_model_that_recovers(
     assert (tmp_path / "sweep.yaml").exists() and (tmp_path / "sweep_status.json").exists()
     labels = (tmp_path / "label_distribution.csv").read_text().splitlines()
     assert labels[0] == "dataset,split,class_id,class_name,pixels,percent" and len(labels) == 9
+    seed1 = tmp_path / "trials" / "synthetic-linknet-agp-s0.5-seed1"
+    assert yaml.safe_load((seed1 / "config.yaml").read_text())["seed"] == 1
+    warm = json.loads((seed1 / "final.json").read_text())["warm_start"]
+    assert warm.endswith("synthetic-linknet-dense-seed1/checkpoints/dense.pt")
 
-
-def _sweep_cmd(preset: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "sweep.cli", "sweep", "--preset", str(preset), "--out", str(out)]
-
-
-def test_killed_driver_rerun_with_other_resources_finishes_the_rest(tmp_path: Path) -> None:
-    preset = tmp_path / "tiny.yaml"
-    preset.write_text(
-        yaml.safe_dump(
-            {
-                "trial": _template(),
-                "sweep": {**TINY_SWEEP, "models": ["linknet"], "sparsities": [0.2, 0.5]},
-            }
-        )
+    # Two seeds: one summary row per combination with n = 2 and an interval; claims show n.
+    build_report(tmp_path)
+    summary = pd.read_parquet(tmp_path / "report" / "summary.parquet").set_index(
+        ["model", "pruner", "target_sparsity"]
     )
+    for model in ("fpn", "linknet"):
+        row = summary.loc[(model, "agp", 0.5)]
+        assert row["n"] == 2 and row["seeds"] == "0,1"
+        assert row["test_miou_ci_low"] <= row["test_miou_mean"] <= row["test_miou_ci_high"]
+        assert row["iou_drop_ci_low"] <= row["iou_drop_mean"] <= row["iou_drop_ci_high"]
+        assert summary.loc[(model, "none", 0.0), "n"] == 2
+    page = (tmp_path / "report" / "dashboard.html").read_text()
+    assert "<th>seeds</th>" in page and "LP and AGP keep IoU" in page
+    assert "Combinations over seeds" in page
+
+
+def _sweep_cmd(preset: Path, out: Path, address: str) -> list[str]:
+    return [
+        *(sys.executable, "-m", "sweep.cli", "sweep", "--preset", str(preset), "--out", str(out)),
+        *("--address", address),
+    ]
+
+
+def test_killed_driver_rerun_with_other_resources_finishes_the_rest(
+    local_ray, tmp_path: Path
+) -> None:
+    """The driver dies, the cluster stays (as on a cluster's head): the command again finishes
+    the rest."""
+    address = local_ray.get_runtime_context().gcs_address
+    preset = tmp_path / "tiny.yaml"
+    sweep = {**TINY_SWEEP, "models": ["linknet"], "gpus_per_trial": 0}
+    preset.write_text(yaml.safe_dump({"trial": _template(), "sweep": sweep}))
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     driver = subprocess.Popen(
-        _sweep_cmd(preset, out),
+        _sweep_cmd(preset, out, address),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -136,10 +156,9 @@ def test_killed_driver_rerun_with_other_resources_finishes_the_rest(tmp_path: Pa
     assert dense_final.exists()
     stamp = dense_final.stat().st_mtime_ns
     # Resumed with other resources (as after an out-of-memory): accepted, since they change no result.
-    resources = ["--max-concurrent", "3", "--gpus-per-trial", "0"]
-    # ... and with a second seed added: its own base model and combinations, on the same split.
+    resources = ["--max-concurrent", "3", "--cpus-per-trial", "2"]
     rerun = subprocess.run(
-        [*_sweep_cmd(preset, out), *resources, "--seeds", "0,1"],
+        [*_sweep_cmd(preset, out, address), *resources],
         env=env,
         capture_output=True,
         text=True,
@@ -148,28 +167,6 @@ def test_killed_driver_rerun_with_other_resources_finishes_the_rest(tmp_path: Pa
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert dense_final.stat().st_mtime_ns == stamp  # the finished base model was not re-run
     status = json.loads((out / "sweep_status.json").read_text())
-    assert set(status["pruned"]) == {
-        f"synthetic-linknet-agp-s{s}-seed{seed}" for s in (0.2, 0.5) for seed in (0, 1)
-    }
-    assert all(e is None for e in status["pruned"].values())
-    seed1 = out / "trials" / "synthetic-linknet-agp-s0.5-seed1"
-    assert yaml.safe_load((seed1 / "config.yaml").read_text())["seed"] == 1
-    warm = json.loads((seed1 / "final.json").read_text())["warm_start"]
-    assert warm.endswith("synthetic-linknet-dense-seed1/checkpoints/dense.pt")
-
-    # Two seeds: one summary row per combination with n = 2 and an interval; claims show n.
-    build_report(out)
-    summary = pd.read_parquet(out / "report" / "summary.parquet").set_index(
-        ["pruner", "target_sparsity"]
-    )
-    for sparsity in (0.2, 0.5):
-        row = summary.loc[("agp", sparsity)]
-        assert row["n"] == 2 and row["seeds"] == "0,1"
-        assert row["test_miou_ci_low"] <= row["test_miou_mean"] <= row["test_miou_ci_high"]
-        assert row["iou_drop_ci_low"] <= row["iou_drop_mean"] <= row["iou_drop_ci_high"]
-    assert summary.loc[("none", 0.0), "n"] == 2
-    page = (out / "report" / "dashboard.html").read_text()
-    assert "<th>seeds</th>" in page and "LP and AGP keep IoU" in page
-    assert "Combinations over seeds" in page
+    assert status["pruned"] == {"synthetic-linknet-agp-s0.5-seed0": None}
     records = read_jsonl(out / "trials" / "synthetic-linknet-agp-s0.5-seed0" / "metrics.jsonl")
     assert [r["global_epoch"] for r in records] == [1, 2, 3]
