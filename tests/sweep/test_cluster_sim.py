@@ -29,11 +29,26 @@ FAKE_HEAD_TYPE = "ray.head.default"  # the fake provider's name for the head nod
 MAX_WORKERS = 2  # this machine's share of cluster.yaml's max_workers
 
 
+def _ray_running() -> bool:
+    """Any Ray on this machine (a GCS server process); True where that cannot be told."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for cmdline in proc.glob("[0-9]*/cmdline"):
+        try:
+            if b"gcs_server" in cmdline.read_bytes():
+                return True
+        except OSError:  # the process ended meanwhile
+            continue
+    return False
+
+
 def _stop_every_ray() -> None:
     ray.shutdown()
-    subprocess.run(
-        [RAY, "stop", "--force", "--grace-period", "2"], capture_output=True, timeout=120
-    )
+    if _ray_running():  # `ray stop` itself costs seconds
+        subprocess.run(
+            [RAY, "stop", "--force", "--grace-period", "2"], capture_output=True, timeout=120
+        )
 
 
 def simulated_config(cluster_yaml: dict) -> dict:
