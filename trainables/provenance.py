@@ -7,12 +7,12 @@ import hashlib
 from importlib import metadata
 from pathlib import Path
 
-PACKAGES = ("sweep", "trainables", "analysis")
+PACKAGES = ("sweep", "trainables", "analysis", "deploy")
 SOURCE_SUFFIXES = (".py", ".yaml")
 
 
 def _source_files() -> list[tuple[str, Path]]:
-    """(path relative to the install root, file) for every source file of the three packages."""
+    """(path relative to the install root, file) for every source file of the packages."""
     root = Path(__file__).resolve().parents[1]
     files = []
     for package in PACKAGES:
