@@ -31,42 +31,47 @@ TEST_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
 torch.set_num_threads(TEST_THREADS)
 
 
-# The tests that start Ray. Under `make test` (two pytest-xdist workers) they run on one worker,
-# one after another: the simulated-cluster tests stop every Ray on the machine.
-RAY_TEST_FILES = (
-    "tests/sweep/test_sweep.py",
-    "tests/sweep/test_hpo.py",
-    "tests/sweep/test_cluster_sim.py",
-)
+# The tests that start Ray, in two queues that `make test` (two pytest-xdist workers) runs side by
+# side, each on one worker: the local-Ray sweep and search tests, and the simulated clusters (each
+# with its own Ray temp folder and address, stopping only its own processes).
+RAY_QUEUES = {
+    "tests/sweep/test_sweep.py": "ray-local",
+    "tests/sweep/test_hpo.py": "ray-local",
+    "tests/sweep/test_cluster_sim.py": "ray-cluster",
+}
+
+
+def _file(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """Whole test files go to one worker each (their module fixtures are built once), and the
-    Ray test files all to the same one. (xdist's own `loadgroup` does not group with pytest 9.2.)"""
+    """Whole test files go to one worker each (their module fixtures are built once), and each
+    Ray queue to one worker. (xdist's own `loadgroup` does not group with pytest 9.2.)"""
     from xdist.scheduler import LoadScopeScheduling
 
     class FileScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            path = nodeid.split("::", 1)[0]
-            return "ray" if path in RAY_TEST_FILES else path
+            path = _file(nodeid)
+            return RAY_QUEUES.get(path, path)
 
-    config.option.loadscopereorder = False  # keep the collection order: the Ray queue first
+    config.option.loadscopereorder = False  # keep the collection order: the Ray queues first
     return FileScheduling(config, log)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The Ray tests first: they are the longest queue, so its worker starts on it at once."""
+    """The Ray queues first: they are the longest, so each worker starts on one at once."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        items.sort(key=lambda item: item.nodeid.split("::", 1)[0] not in RAY_TEST_FILES)
+        items.sort(key=lambda item: _file(item.nodeid) not in RAY_QUEUES)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """Under xdist, a worker that starts on other tests lowers its own priority (once, for good):
-    the Ray queue is the longest, and much of it waits on Ray's own processes, so the other worker
-    fills those gaps instead of taking the CPU from the queue that decides when the run ends."""
+    """Under xdist, a worker lowers its own priority (once, for good) when it moves on to the other
+    tests: a Ray queue still running on the other worker decides when the run ends, and much of it
+    waits on Ray's own processes, so these tests fill those gaps instead of taking its CPU."""
     global _niced
     worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if worker and not _niced and item.nodeid.split("::", 1)[0] not in RAY_TEST_FILES:
+    if worker and not _niced and _file(item.nodeid) not in RAY_QUEUES:
         os.nice(10)
         _niced = True
 

@@ -1,5 +1,5 @@
 """One local Ray for the whole test session (starting Ray costs seconds), started again after a
-test that ran its own cluster (the simulated-cluster tests stop every Ray on the machine)."""
+test that ran a cluster of its own in this process (the simulated-cluster tests)."""
 
 import pytest
 
@@ -8,7 +8,9 @@ import pytest
 def local_ray(_ray_session):
     ray = _ray_session
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # "local": a Ray of its own even while another test worker's simulated cluster (or a
+        # `ray start` left running) would be found by address auto-detection.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     return ray
 
 

@@ -1,9 +1,13 @@
 """The sweep the way a cluster runs it, on Ray's own simulators: an autoscaling cluster built from
 cluster.yaml's node types (fake multi-node provider, logical GPUs), and a worker node removed
-mid-trial (a spot preemption). Each test stops every Ray on this machine before and after."""
+mid-trial (a spot preemption). Each test's Ray has its own port and session, and only its own
+processes are stopped after it, so the other test worker's Ray runs beside it."""
 
+import contextlib
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -29,30 +33,58 @@ FAKE_HEAD_TYPE = "ray.head.default"  # the fake provider's name for the head nod
 MAX_WORKERS = 2  # this machine's share of cluster.yaml's max_workers
 
 
-def _ray_running() -> bool:
-    """Any Ray on this machine (a GCS server process); True where that cannot be told."""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return True
-    for cmdline in proc.glob("[0-9]*/cmdline"):
+def _processes() -> dict[int, tuple[int, bytes]]:
+    """pid -> (parent pid, command line) of every process on this machine, from /proc."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            if b"gcs_server" in cmdline.read_bytes():
-                return True
-        except OSError:  # the process ended meanwhile
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            found[int(stat.parent.name)] = (parent, (stat.parent / "cmdline").read_bytes())
+        except (OSError, IndexError, ValueError):  # the process ended meanwhile
             continue
-    return False
+    return found
 
 
-def _stop_every_ray() -> None:
-    ray.shutdown()
-    if _ray_running():  # `ray stop` itself costs seconds
-        subprocess.run(
-            [RAY, "stop", "--force", "--grace-period", "2"], capture_output=True, timeout=120
-        )
+def stop_ray_processes(*markers: bytes, timeout: float = 30) -> None:
+    """Kill the processes whose command line holds one of `markers` (this test's Ray session
+    folder, or an argument ending in its GCS port) and all their descendants (Ray's workers and
+    agents rename themselves). Unlike `ray stop`, a Ray another test worker runs survives."""
+    table = _processes()
+    doomed = {
+        pid
+        for pid, (_, cmdline) in table.items()
+        if pid != os.getpid() and any(m in cmdline for m in markers)
+    }
+    while True:  # close over descendants
+        children = {pid for pid, (parent, _) in table.items() if parent in doomed} - doomed
+        if not children:
+            break
+        doomed |= children
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while any(_alive(pid) for pid in doomed) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
-def simulated_config(cluster_yaml: dict) -> dict:
-    """cluster.yaml's node types (resources, min_workers) on the fake multi-node provider."""
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (`ray start`'s processes belong to PID 1, which may not reap them)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def simulated_config(cluster_yaml: dict, gcs_address: str) -> dict:
+    """cluster.yaml's node types (resources, min_workers) on the fake multi-node provider, whose
+    nodes join the head at `gcs_address` (its own default: port 6379)."""
     types = cluster_yaml["available_node_types"]
     head = types[cluster_yaml["head_node_type"]]
     nodes = {FAKE_HEAD_TYPE: {"resources": head["resources"], "node_config": {}, "max_workers": 0}}
@@ -77,6 +109,7 @@ def simulated_config(cluster_yaml: dict) -> dict:
             "use_node_id_as_ip": True,
             "disable_node_updaters": True,
             "disable_launch_config_check": True,
+            "gcs_address": gcs_address,
         },
         "auth": {"ssh_user": "ray"},
         "available_node_types": nodes,
@@ -100,19 +133,25 @@ def _autoscaler_reporting(timeout: float = 60) -> None:
 
 @pytest.fixture
 def autoscaling_cluster(tmp_path: Path):
-    """A head advertising cluster.yaml's head resources (0 CPUs), GPU workers scaled from zero."""
-    config = simulated_config(yaml.safe_load(CLUSTER.read_text()))
+    """A head advertising cluster.yaml's head resources (0 CPUs), GPU workers scaled from zero.
+    On a port of its own, and only its own processes stopped after: another test worker's local
+    Ray runs beside it undisturbed."""
+    port = _free_port()
+    address = f"{ray.util.get_node_ip_address()}:{port}"
+    config = simulated_config(yaml.safe_load(CLUSTER.read_text()), address)
     path = tmp_path / "simulated-cluster.yaml"
     path.write_text(yaml.safe_dump(config))
     head = config["available_node_types"][FAKE_HEAD_TYPE]["resources"]
     env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
-    _stop_every_ray()
+    # Every process of this cluster names its port or its session folder (known once connected).
+    markers = [f":{port}\0".encode(), f"={port}\0".encode()]
     try:
         subprocess.run(
             [
                 RAY,
                 "start",
                 "--head",
+                f"--port={port}",
                 f"--num-cpus={head.get('CPU', 0)}",
                 f"--num-gpus={head.get('GPU', 0)}",
                 "--include-dashboard=false",
@@ -124,10 +163,12 @@ def autoscaling_cluster(tmp_path: Path):
             capture_output=True,
             timeout=120,
         )
-        _autoscaler_reporting()
+        _autoscaler_reporting()  # connects as `--address auto` does: the last `ray start`
+        markers.append(ray._private.worker.global_worker.node.get_session_dir_path().encode())
         yield config
     finally:
-        _stop_every_ray()
+        ray.shutdown()
+        stop_ray_processes(*markers)
 
 
 def _interval(trial: Path) -> tuple[float, float]:
@@ -181,7 +222,6 @@ def two_gpu_nodes():
     """Ray's in-process cluster: a 0-CPU head and two one-GPU workers that a test can remove."""
     from ray.cluster_utils import Cluster
 
-    _stop_every_ray()
     # Fast health checks: a removed node is declared dead in about a second, not fifteen.
     health = {
         "health_check_initial_delay_ms": 0,
@@ -191,14 +231,15 @@ def two_gpu_nodes():
     cluster = Cluster(
         initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": health}
     )
-    workers = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
-    ray.init(address=cluster.address, log_to_driver=False)
+    session = cluster.head_node.get_session_dir_path()
     try:
+        workers = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
+        ray.init(address=cluster.address, log_to_driver=False)
         yield cluster, workers
     finally:
         ray.shutdown()
         cluster.shutdown()
-        _stop_every_ray()
+        stop_ray_processes(session.encode())  # what shutdown left
 
 
 def test_preempted_node_trial_finishes_on_another_node(two_gpu_nodes, tmp_path: Path) -> None:
