@@ -25,7 +25,7 @@ from trainables.config import TrialConfig
 from trainables.data import class_names
 from trainables.errors import UserError
 from trainables.models import build_model
-from trainables.pruning.surgery import rebuild, slim
+from trainables.pruning.surgery import load_slim, rebuild, slim
 
 # The metadata_props an exported ONNX file carries, so that the file alone knows what it is.
 ONNX_FORMAT = "corroprune-onnx-v1"
@@ -132,11 +132,21 @@ class Artefact:
 
 def model_from_checkpoint(path: Path) -> tuple[nn.Module, TrialConfig]:
     """The model stored in a corroprune checkpoint (dense.pt, final.pt, last.pt), masks applied;
-    a channel-pruned final.pt comes back slim (its dropped channels cut out)."""
+    a channel-pruned final.pt comes back slim: cut from its masks, or rebuilt from its recorded
+    structure when the trial fine-tuned slim (its final.pt and last.pt hold the slim model)."""
     state = load_checkpoint(path)
     if "config" not in state or "model" not in state:
         raise UserError(f"{path} is not a corroprune checkpoint (no config/model)")
     cfg = TrialConfig.from_dict(state["config"]).replace(model={"encoder_weights": None})
+    if state.get("slim") is not None:
+        try:
+            model, _ = load_slim(cfg, state["slim"], state["model"])
+        except ValueError as err:
+            raise UserError(
+                f"{path}: its slim model does not fit its stored {cfg.model.arch}/"
+                f"{cfg.model.encoder} structure: {err}"
+            ) from None
+        return model, cfg
     model = build_model(cfg.model, cfg.data.classes)
     model.load_state_dict(state["model"])
     return slim(model, cfg, state.get("masks")), cfg

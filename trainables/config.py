@@ -123,6 +123,17 @@ class PruningConfig:
     exclude: tuple[str, ...] = ("segmentation_head",)
     mp_warmup_epochs: int = 20  # movement pruning: dense epochs at the start of the prune stage
     mp_cooldown_epochs: int = 10  # movement pruning: epochs at the target before fine-tuning
+    # Fine-tune the model cut slim (true: the pruned channels physically removed when fine-tuning
+    # starts, so its epochs run faster) or full-size with the masks in force (false); auto (None):
+    # slim for the granularities that can be cut (channel, coupled), masked for element.
+    slim_finetune: bool | None = None
+
+    @property
+    def finetunes_slim(self) -> bool:
+        """Whether the fine-tuning stage runs on the model cut slim (`slim_finetune` resolved)."""
+        if self.slim_finetune is None:
+            return self.granularity in STRUCTURED
+        return self.slim_finetune
 
 
 @dataclass(frozen=True)
@@ -387,6 +398,13 @@ def validate(cfg: TrialConfig) -> None:
         p.scope,
         "'layer' with pruning.granularity 'channel' (every layer keeps its share of channels); "
         "for a global ranking of channels use pruning.granularity 'coupled'",
+    )
+    _check(
+        not (cfg.pruned and p.slim_finetune and p.granularity not in STRUCTURED),
+        "pruning.slim_finetune",
+        p.slim_finetune,
+        f"false or auto with pruning.granularity {p.granularity!r} (single weights cannot be "
+        f"cut out; only {' and '.join(STRUCTURED)} pruning fine-tunes slim)",
     )
     if cfg.pruned:
         _check(p.sparsity > 0, "pruning.sparsity", p.sparsity, "above 0 when a pruner is set")

@@ -53,15 +53,19 @@ def gmacs(model: nn.Module, x: torch.Tensor) -> float:
     return counter.get_total_flops() / 2e9
 
 
+def fp32_bytes(model: nn.Module) -> int:
+    """Bytes of the model's floating-point tensors (parameters and buffers) stored as fp32."""
+    return sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point())
+
+
 def inference_summary(
-    full: nn.Module, deployable: nn.Module, size: tuple[int, int], repeats: int
+    deployable: nn.Module, size: tuple[int, int], repeats: int, dense_bytes: int
 ) -> dict[str, Any]:
     """What a trial records of its final model's cost: parameters, MACs, file sizes and (when
-    `repeats` > 0) batch-1 CPU latency with the process's torch threads, at `size`. `full` (the
-    model before any channel surgery, on any device) only gives the dense file size."""
+    `repeats` > 0) batch-1 CPU latency with the process's torch threads, at `size`.
+    `dense_bytes`: `fp32_bytes` of the full-size model, before any channel surgery."""
     deployable = deployable.eval().cpu()
     x = torch.randn(1, 3, *size)
-    dense_bytes = sum(t.numel() * 4 for t in full.state_dict().values() if t.is_floating_point())
     return {
         "params": sum(p.numel() for p in deployable.parameters()),
         "nonzero_params": sum(int(torch.count_nonzero(p)) for p in deployable.parameters()),

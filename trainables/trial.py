@@ -30,7 +30,7 @@ from trainables.checkpoint import (
     write_yaml,
 )
 from trainables.config import TrialConfig
-from trainables.cost import inference_summary
+from trainables.cost import fp32_bytes, inference_summary
 from trainables.data import build_datasets
 from trainables.data.dataset import epoch_seed
 from trainables.errors import UserError
@@ -38,7 +38,7 @@ from trainables.models import build_model
 from trainables.provenance import code_version
 from trainables.pruning.masks import sparsity_stats
 from trainables.pruning.pruner import Pruner
-from trainables.pruning.surgery import slim
+from trainables.pruning.surgery import Cut, channel_structure, load_slim, slim
 
 Reporter = Callable[[dict[str, Any]], None]
 EXAMPLES = 4  # test images whose predictions are kept for the report
@@ -68,7 +68,11 @@ class Position:
 
 
 class Trial:
-    """The state of one running trial: model, data, pruner and the files in its folder."""
+    """The state of one running trial: model, data, pruner and the files in its folder.
+
+    A structured-pruned trial with `pruning.finetunes_slim` cuts its model slim when fine-tuning
+    starts (`cut`): from there on `model` is the slim one, `pruner` is None (nothing is left to
+    mask) and `cut` holds its structure and the full-size model's counts."""
 
     def __init__(
         self,
@@ -101,16 +105,8 @@ class Trial:
         model_cfg = (
             dataclasses.replace(cfg.model, encoder_weights=None) if loads_checkpoint else cfg.model
         )
-        self.model = build_model(model_cfg, self.num_classes).to(self.device)
-        if self.runtime.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        # Training crops have one size, so a compiled (and CUDA-graphed) forward pays off there;
-        # evaluation sees whole images of many sizes and stays eager. Parameters are shared.
-        self.train_model = (
-            torch.compile(self.model, mode=self.runtime.compile)
-            if self.runtime.compile != "off"
-            else self.model
-        )
+        self._use_model(build_model(model_cfg, self.num_classes))
+        self.cut: Cut | None = None
         self.loss_fn = engine.build_loss(cfg.loss).to(self.device)
         self.val_loader = self._loader(self.data.val, train=False)
         self.test_loader = self._loader(self.data.test, train=False)
@@ -127,6 +123,19 @@ class Trial:
                 iters_per_epoch=self.iters_per_epoch,
             )
 
+    def _use_model(self, model: torch.nn.Module) -> None:
+        """Train and evaluate `model` from now on, on the trial's device and memory format."""
+        self.model = model.to(self.device)
+        if self.runtime.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        # Training crops have one size, so a compiled (and CUDA-graphed) forward pays off there;
+        # evaluation sees whole images of many sizes and stays eager. Parameters are shared.
+        self.train_model = (
+            torch.compile(self.model, mode=self.runtime.compile)
+            if self.runtime.compile != "off"
+            else self.model
+        )
+
     def _loader(self, dataset: Any, *, train: bool, seed: int = 0) -> torch.utils.data.DataLoader:
         bs = self.cfg.optim.batch_size
         return engine.make_loader(
@@ -140,9 +149,12 @@ class Trial:
         last = self.ckpt_dir / "last.pt"
         if last.exists():
             state = load_checkpoint(last)
-            self.model.load_state_dict(state["model"])
-            if self.pruner is not None and state.get("pruner") is not None:
-                self.pruner.load_state_dict(state["pruner"])
+            if state.get("slim") is not None:  # written while fine-tuning slim
+                self._adopt_slim(state, last)
+            else:
+                self.model.load_state_dict(state["model"])
+                if self.pruner is not None and state.get("pruner") is not None:
+                    self.pruner.load_state_dict(state["pruner"])
             pos = Position(
                 state["stage_index"], state["epoch"], state["global_epoch"], state["dense_test"]
             )
@@ -153,25 +165,74 @@ class Trial:
             state = load_checkpoint(self.warm_start)
             if "model" not in state:
                 raise UserError(f"{self.warm_start} is not a corroprune checkpoint (no model)")
-            try:
-                self.model.load_state_dict(state["model"])
-            except RuntimeError as err:
-                raise UserError(
-                    f"dense checkpoint {self.warm_start} does not fit model "
-                    f"{self.cfg.model.arch}/{self.cfg.model.encoder}: {str(err).splitlines()[0]}"
-                ) from None
-            if self.finetune_only:
-                if "masks" not in state:
-                    raise UserError(
-                        f"{self.warm_start} holds no pruning masks: use a pruned final.pt"
-                    )
-                self.pruner.masks.load_state_dict(state["masks"])
-                self.pruner.freeze()
+            self._warm_start_from(state)
             dense = state.get("dense_test")
             if dense is None and self.evaluate_test:
                 dense = self.test_metrics()
             return Position(dense_test=dense), None
         return Position(), None
+
+    def _warm_start_from(self, state: dict[str, Any]) -> None:
+        """Take the model (and for fine-tuning only, the fixed masks or the slim model) from a
+        warm-start checkpoint."""
+        if state.get("slim") is not None:
+            if not self.finetune_only:
+                raise UserError(
+                    f"{self.warm_start} holds a model cut slim for fine-tuning: only a "
+                    "fine-tuning-only start can use it; start pruning from a dense.pt"
+                )
+            if not self.cfg.pruning.finetunes_slim:
+                raise UserError(
+                    f"{self.warm_start} holds a model cut slim: it can only be fine-tuned slim "
+                    "(pruning.slim_finetune true or auto); masked fine-tuning needs the "
+                    "full-size final.pt of a trial run with pruning.slim_finetune=false"
+                )
+            self._adopt_slim(state, self.warm_start)
+            return
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as err:
+            raise UserError(
+                f"dense checkpoint {self.warm_start} does not fit model "
+                f"{self.cfg.model.arch}/{self.cfg.model.encoder}: {str(err).splitlines()[0]}"
+            ) from None
+        if self.finetune_only:
+            if "masks" not in state:
+                raise UserError(f"{self.warm_start} holds no pruning masks: use a pruned final.pt")
+            self.pruner.masks.load_state_dict(state["masks"])
+            self.pruner.freeze()
+
+    def _adopt_slim(self, state: dict[str, Any], path: Path) -> None:
+        """Continue with the slim model a checkpoint holds (its "slim" record and weights)."""
+        try:
+            model, self.cut = load_slim(self.cfg, state["slim"], state["model"])
+        except ValueError as err:
+            raise UserError(
+                f"{path}: its slim model does not fit {self.cfg.model.arch}/"
+                f"{self.cfg.model.encoder} with pruning.granularity "
+                f"{self.cfg.pruning.granularity!r}: {err}"
+            ) from None
+        self.pruner = None
+        self._use_model(model)
+
+    def cut_slim(self) -> None:
+        """Replace the masked full-size model by the slim one: the masked channels cut out, the
+        same outputs from smaller layers. Only when masks are fixed (fine-tuning), and before its
+        optimizer is built: each stage starts a fresh one, so no optimizer state is lost."""
+        pruner = self.pruner
+        pruner.masks.apply()
+        stats = sparsity_stats(self.model, pruner.masks, pruner.achieved_sparsity())
+        full_bytes = fp32_bytes(self.model)
+        model = slim(self.model, self.cfg, pruner.masks.state_dict())
+        self.cut = Cut(
+            structure=channel_structure(model, self.cfg),
+            achieved_sparsity=stats["achieved_sparsity"],
+            prunable_params=stats["prunable_params"],
+            total_params=stats["total_params"],
+            fp32_bytes=full_bytes,
+        )
+        self.pruner = None  # its masks and parameters are the full-size model's
+        self._use_model(model)
 
     def _truncate_records(self, global_epoch: int) -> None:
         """Drop records written after the checkpoint we resume from (a crash between the two)."""
@@ -192,6 +253,7 @@ class Trial:
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "pruner": self.pruner.state_dict() if self.pruner is not None else None,
+            "slim": self.cut.to_dict() if self.cut is not None else None,
             "config": self.cfg.to_dict(),
         }
         save_checkpoint(state, self.ckpt_dir / "last.pt")
@@ -222,14 +284,18 @@ class Trial:
         return self.finish(pos, time.perf_counter() - started)
 
     def run_stage(self, stage: str, epochs: int, pos: Position, state: dict | None) -> None:
+        if stage == "finetune" and self.pruner is not None:
+            self.pruner.freeze()
+            # Cut as the stage starts; a resume inside it continues as its last.pt was written
+            # (slim, or full-size by a corroprune from before slim fine-tuning).
+            if state is None and self.cfg.pruning.finetunes_slim:
+                self.cut_slim()
+        if self.pruner is not None and stage != "train":
+            self.pruner.masks.apply()
         optimizer, scheduler = engine.build_optimizer(self.model, self.cfg.optim)
         if state is not None:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-        if stage == "finetune" and self.pruner is not None:
-            self.pruner.freeze()
-        if self.pruner is not None and stage != "train":
-            self.pruner.masks.apply()
         hooks = self._hooks(stage)
         written_at = time.monotonic()  # a stage starts from a written (or no) checkpoint
         for epoch in range(pos.epoch + 1, epochs + 1):
@@ -295,7 +361,7 @@ class Trial:
         target = 0.0
         if self.pruner is not None and stage == "prune":
             target = self.pruner.target_sparsity(epoch)
-        elif self.pruner is not None and stage == "finetune":
+        elif self.cfg.pruned and stage == "finetune":
             target = self.cfg.pruning.sparsity
         return {
             "stage": stage,
@@ -313,6 +379,8 @@ class Trial:
         }
 
     def _sparsity(self) -> dict[str, Any]:
+        if self.cut is not None:
+            return self.cut.sparsity_stats(self.model)
         if self.pruner is None:
             return sparsity_stats(self.model, None)
         return sparsity_stats(self.model, self.pruner.masks, self.pruner.achieved_sparsity())
@@ -345,6 +413,8 @@ class Trial:
         }
         if self.pruner is not None:
             final_state["masks"] = self.pruner.masks.state_dict()
+        if self.cut is not None:
+            final_state["slim"] = self.cut.to_dict()
         save_checkpoint(final_state, self.ckpt_dir / "final.pt")
         examples = {}
         if self.evaluate_test:
@@ -379,8 +449,11 @@ class Trial:
     def inference(self, masks: dict[str, torch.Tensor] | None) -> dict[str, Any]:
         """The deployable model's cost (slim when channel-pruned) at the test images' size."""
         size = tuple(self.data.test[0][0].shape[-2:]) if len(self.data.test) else (512, 512)
+        # Cut already (no masks left) or cut here from the masked full-size model.
         deployable = slim(copy.deepcopy(self.model).cpu(), self.cfg, masks)
-        return inference_summary(self.model, deployable, size, self.cfg.runtime.latency_repeats)
+        full_bytes = self.cut.fp32_bytes if self.cut is not None else fp32_bytes(self.model)
+        repeats = self.cfg.runtime.latency_repeats
+        return inference_summary(deployable, size, repeats, full_bytes)
 
 
 def environment(cfg: TrialConfig, meta: dict[str, Any] | None) -> dict[str, Any]:

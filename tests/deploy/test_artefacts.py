@@ -3,18 +3,23 @@ bad file is one clear line and exit 2."""
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from deploy.artefacts import load_artefact
 from deploy.export import dataset_images
 from sweep.cli import main
-from tests.deploy.conftest import foreign_onnx
+from tests.deploy.conftest import foreign_onnx, pruned_with_masks
+from trainables.checkpoint import save_checkpoint
 from trainables.config import TrialConfig
 from trainables.data import build_datasets
+from trainables.errors import UserError
+from trainables.pruning.surgery import Cut, channel_structure, slim
 
 KINDS = {
     "pt": ("checkpoint", "torch"),
@@ -95,3 +100,26 @@ def test_missing_onnxruntime_is_named(shipped, monkeypatch, capsys) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` fails
     assert main(["evaluate", str(paths["onnx"])]) == 2
     assert "need onnxruntime, which is not installed: pip install" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["fpn", "manet"])  # GroupNorm groups; the attention's buffer
+def test_a_checkpoint_of_a_slim_model_loads_as_that_model(arch: str, tmp_path: Path) -> None:
+    """final.pt and last.pt of a trial that fine-tuned slim hold the slim weights and the
+    structure ("slim"): the architecture is rebuilt from it, the weights load unchanged."""
+    masked, cfg, masks = pruned_with_masks(arch, "tu-test_resnet", 0.5, "coupled")
+    model = slim(copy.deepcopy(masked), cfg, masks).eval()
+    cut = Cut(channel_structure(model, cfg), 0.5, 1, 1, 1)  # counts: only the trial reads them
+    state = {"model": model.state_dict(), "config": cfg.to_dict(), "slim": cut.to_dict()}
+    save_checkpoint(state, tmp_path / "final.pt")
+    artefact = load_artefact(tmp_path / "final.pt")
+    assert artefact.kind == "checkpoint"
+    assert sum(p.numel() for p in artefact.model.parameters()) == sum(
+        p.numel() for p in model.parameters()
+    )
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        np.testing.assert_array_equal(artefact(x), model(x).numpy())
+    foreign = {**cut.to_dict(), "structure": {"decoder.nope": 2}}
+    save_checkpoint({**state, "slim": foreign}, tmp_path / "bad.pt")
+    with pytest.raises(UserError, match="bad.pt: its slim model does not fit"):
+        load_artefact(tmp_path / "bad.pt")

@@ -99,3 +99,21 @@ def test_runtime_auto_switches_resolve_per_device() -> None:
     assert fixed.resolve("cpu").augment == "device"
     with pytest.raises(UserError, match="runtime.augment.*auto, cpu, device"):
         TrialConfig.from_dict({"runtime": {"augment": "gpu"}})
+
+
+def test_slim_finetune_is_auto_for_what_can_be_cut_and_refused_for_element() -> None:
+    """auto (the default): slim for channel and coupled, masked for element; true with element
+    pruning names the key and what is allowed; a dense trial ignores it."""
+    pruned = {"pruner": "agp", "sparsity": 0.5}
+    for granularity, slim in (("element", False), ("channel", True), ("coupled", True)):
+        pruning = TrialConfig.from_dict({"pruning": {**pruned, "granularity": granularity}}).pruning
+        assert pruning.slim_finetune is None and pruning.finetunes_slim is slim
+    off = {**pruned, "granularity": "coupled", "slim_finetune": "false"}
+    assert not TrialConfig.from_dict({"pruning": off}).pruning.finetunes_slim
+    auto = TrialConfig.from_dict({"pruning": {**off, "slim_finetune": "auto"}})
+    assert auto.pruning.slim_finetune is None and TrialConfig.from_dict(auto.to_dict()) == auto
+    with pytest.raises(UserError, match=r"'pruning.slim_finetune' is True; expected false or auto"):
+        TrialConfig.from_dict({"pruning": {**pruned, "slim_finetune": True}})
+    with pytest.raises(UserError, match=r"pruning.slim_finetune.*true or false"):
+        TrialConfig.from_dict({"pruning": {**pruned, "slim_finetune": "maybe"}})
+    TrialConfig.from_dict({"pruning": {"slim_finetune": True}})  # dense: nothing to fine-tune

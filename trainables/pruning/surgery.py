@@ -1,10 +1,14 @@
-"""Channel surgery a trial itself uses: the slim deployable model, its channel structure, a rebuild.
+"""Channel surgery a trial itself uses: the slim model, its channel structure, a rebuild, the cut.
 
 Two structured granularities: `channel` (channels that only one convolution reads,
 `channels.py`) and `coupled` (every channel, tied channels together, `coupled.py`).
 """
 
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,3 +55,53 @@ def rebuild(cfg: TrialConfig, structure: dict[str, int]) -> nn.Module:
         return coupled.rebuild(model, structure, cfg.pruning.exclude)
     channels.reshape_to(model, structure, cfg.pruning.exclude)
     return model
+
+
+@dataclass(frozen=True)
+class Cut:
+    """A pruned model cut slim before fine-tuning: its channel structure (what `rebuild` needs)
+    and what the full-size model it was cut from counted, which its sparsity stays relative to.
+    A checkpoint of a slim model stores it (`to_dict`) under the key "slim"."""
+
+    structure: dict[str, int]
+    achieved_sparsity: float  # the pruner's at the cut (masks are fixed from there on)
+    prunable_params: int  # the full-size model's
+    total_params: int  # the full-size model's
+    fp32_bytes: int  # the full-size model's floating-point tensors (parameters and buffers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> Cut:
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(state, dict) or set(state) != names:
+            keys = sorted(state) if isinstance(state, dict) else state
+            raise ValueError(f"slim model record has keys {keys}; expected {sorted(names)}")
+        return cls(**state)
+
+    def sparsity_stats(self, model: nn.Module) -> dict[str, float | int]:
+        """`masks.sparsity_stats` of the full-size model, from the slim `model`: the cut removed
+        only masked entries (zeros), so the non-zeros are the same."""
+        nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
+        return {
+            "achieved_sparsity": self.achieved_sparsity,
+            "overall_sparsity": 1.0 - nonzero / max(self.total_params, 1),
+            "nonzero_params": nonzero,
+            "total_params": self.total_params,
+            "prunable_params": self.prunable_params,
+        }
+
+
+def load_slim(
+    cfg: TrialConfig, record: dict[str, Any], state: dict[str, torch.Tensor]
+) -> tuple[nn.Module, Cut]:
+    """The slim model a checkpoint holds (its "slim" `record` and model `state`), built without
+    fetching encoder weights; ValueError when they do not fit `cfg`'s architecture."""
+    cut = Cut.from_dict(record)
+    model = rebuild(cfg.replace(model={"encoder_weights": None}), cut.structure)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(str(err).strip().splitlines()[0]) from None
+    return model, cut
