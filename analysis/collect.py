@@ -14,6 +14,7 @@ import pandas as pd
 import yaml
 
 from analysis.latency import apply_measured_latency
+from sweep.deploy_step import REFUSED, read_record
 from sweep.identity import CHANNEL, COUPLED, DENSE, ELEMENT, TrialId, sweep_grid, trial_id
 
 STATUSES = ("finished", "errored", "running")
@@ -27,13 +28,25 @@ INFERENCE_COLUMNS = {
     "latency_ms": "latency_ms",
     "latency_device": "latency_device",
 }
+# <trial>/deploy/int8.json (the sweep's `deploy_int8`) -> results columns (NaN / None when absent):
+# the INT8 model's test mIoU and latency, and fp32 ONNX Runtime's latency timed beside it
+INT8_COLUMNS = {
+    "status": "int8_status",  # exported | refused
+    "test_miou": "int8_test_miou",
+    "test_miou_corrosion": "int8_test_miou_corrosion",
+    "latency_ms": "int8_latency_ms",
+    "fp32_onnx_latency_ms": "onnx_latency_ms",
+    "agreement": "int8_agreement",  # share of pixels where INT8 and fp32 predict the same class
+    "file_mib": "int8_mib",
+    "reason": "int8_reason",  # why the export was refused
+}
 RESULT_COLUMNS = [
     "trial", "dataset", "model", "encoder", "pruner", "granularity", "target_sparsity",
     "achieved_sparsity", "overall_sparsity", "dense_test_miou", "pruned_test_miou", "test_miou",
     "dense_test_miou_corrosion", "pruned_test_miou_corrosion", "iou_drop", "iou_drop_rel",
     "total_params", "nonzero_params", "params_deploy", "gmacs", "compact_mib", "compact_fp16_mib",
-    "latency_ms", "latency_device", "status", "wall_time_s", "node", "hostname", "epochs_done",
-    "last_stage", "started_at", "seed", "error",
+    "latency_ms", "latency_device", *INT8_COLUMNS.values(), "status", "wall_time_s", "node",
+    "hostname", "epochs_done", "last_stage", "started_at", "seed", "error",
 ]  # fmt: skip
 
 
@@ -132,6 +145,19 @@ def _inference(final: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+def _int8(trial_dir: Path) -> dict[str, Any]:
+    """INT8 columns from the trial's deploy/int8.json; NaN (text columns None) when absent."""
+    record = read_record(trial_dir) or {}
+    out: dict[str, Any] = {}
+    for key, column in INT8_COLUMNS.items():
+        value = record.get(key)
+        if key in ("status", "reason"):
+            out[column] = value if isinstance(value, str) else None
+        else:
+            out[column] = float(value) if isinstance(value, int | float) else math.nan
+    return out
+
+
 def trial_row(trial_dir: Path) -> tuple[dict[str, Any], list[str]]:
     """One results row for a trial folder, and the class names its final.json gives (if any)."""
     config = _read_yaml(trial_dir / "config.yaml")
@@ -157,6 +183,7 @@ def trial_row(trial_dir: Path) -> tuple[dict[str, Any], list[str]]:
         epochs_done=len(records),
         last_stage=last.get("stage"),
         **_inference(final),
+        **_int8(trial_dir),
     )
     dense, dense_corr, dense_iou = _scores((final or {}).get("dense"))
     pruned, pruned_corr, pruned_iou = _scores((final or {}).get("pruned"))
@@ -302,6 +329,23 @@ def missing_notes(run: Run) -> list[str]:
     unstarted = [i.name for i in expected_trials(run.sweep) if i not in present]
     if unstarted:
         notes.append(f"not started yet ({len(unstarted)}): {', '.join(unstarted)}")
+    return notes + _int8_notes(run)
+
+
+def _int8_notes(run: Run) -> list[str]:
+    """Refused INT8 exports, and finished trials of a `deploy_int8` sweep still without one."""
+    results = run.results
+    if "int8_status" not in results:
+        return []
+    notes = [
+        f"INT8 export refused: {row.trial}: {row.int8_reason}"
+        for row in results[results["int8_status"] == REFUSED].itertuples()
+    ]
+    if (run.sweep.get("sweep") or {}).get("deploy_int8"):
+        waiting = results[(results["status"] == "finished") & results["int8_status"].isna()]
+        if not waiting.empty:
+            names = ", ".join(waiting["trial"])
+            notes.append(f"no INT8 record yet ({len(waiting)}; run the sweep again): {names}")
     return notes
 
 

@@ -27,10 +27,10 @@ from analysis.figures import MODEL_ORDER, PRUNER_ORDER, ordered, with_granularit
 from analysis.report import (
     FIGURE_SECTIONS,
     STYLE,
-    TABLE_COLUMNS,
     cell_text,
     dataset_figures,
     status_counts,
+    table_columns,
 )
 
 INDEX = """<!DOCTYPE html>
@@ -146,10 +146,11 @@ def _claims_table(run: Run, dataset: str) -> html.Table:
 
 
 def _trials_table(run: Run, dataset: str) -> html.Table:
-    """The report's trials table (size and latency columns included) for the shown trials."""
+    """The report's trials table (size, latency and INT8 columns included) for the shown trials."""
     names = run.class_names.get(dataset, [])
-    columns = [*TABLE_COLUMNS, *((f"iou_{column_name(n)}", f"IoU {n}") for n in names)]
-    rows = run.results[run.results["dataset"] == dataset].to_dict("records")
+    shown = run.results[run.results["dataset"] == dataset]
+    columns = [*table_columns(shown), *((f"iou_{column_name(n)}", f"IoU {n}") for n in names)]
+    rows = shown.to_dict("records")
     return html.Table(
         [
             html.Tr([html.Th(label) for _, label in columns]),

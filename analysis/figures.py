@@ -635,3 +635,62 @@ def latency_pareto_figure(results: pd.DataFrame, dataset: str) -> go.Figure:
 def size_pareto_figure(results: pd.DataFrame, dataset: str) -> go.Figure:
     """Test mIoU against the compact export's file size (fp32 values: what the IoU was measured on)."""
     return pareto_figure(results, dataset, SIZE)
+
+
+INT8_POINTS = ("onnx_latency_ms", "test_miou", "int8_latency_ms", "int8_test_miou")
+
+
+def int8_rows(results: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    """Finished trials of `dataset` with both an fp32 and an INT8 point (the sweep's
+    `deploy_int8`, latency timed); empty for a run without them."""
+    if not set(INT8_POINTS) <= set(results.columns):
+        return results.iloc[:0]
+    rows = results[(results["dataset"] == dataset) & (results["status"] == "finished")]
+    return with_granularity(rows.dropna(subset=list(INT8_POINTS)))
+
+
+def int8_figure(results: pd.DataFrame, dataset: str) -> go.Figure:
+    """Test mIoU against batch-1 latency in ONNX Runtime, fp32 (the series' marker, as in the
+    Pareto plots) and static INT8 (a cross), a line joining each trial's two; colour by model,
+    line dash by pruner, one trace per series."""
+    rows = int8_rows(results, dataset)
+    models = ordered(rows["model"], MODEL_ORDER)
+    fig = go.Figure()
+    for model in models:
+        mine = rows[rows["model"] == model]
+        for pruner, granularity in [(DENSE, DENSE), *_series(mine[mine["pruner"] != DENSE])]:
+            part = mine[(mine["pruner"] == pruner) & (mine["granularity"] == granularity)]
+            if part.empty:
+                continue
+            x, y, text = [], [], []
+            for row in part.sort_values(["target_sparsity", "trial"]).itertuples():
+                x += [row.onnx_latency_ms, row.int8_latency_ms, None]
+                y += [row.test_miou, row.int8_test_miou, None]
+                text += [f"{row.trial} fp32", f"{row.trial} INT8", ""]
+            fp32 = _symbol(pruner, granularity)
+            facets = {"reference": True} if pruner == DENSE else {"pruner": pruner}
+            colour = model_colour(model, models)
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=y,
+                    mode="lines+markers",
+                    name=f"{model} {series_name(pruner, granularity)}",
+                    legendgroup=model,
+                    line={"color": colour, "width": 1, "dash": DASHES.get(pruner, "solid")},
+                    marker={"color": colour, "symbol": [fp32, "x", fp32] * len(part), "size": 9},
+                    text=text,
+                    hovertemplate="%{text}<br>%{x:.1f} ms, test mIoU %{y:.3f}<extra></extra>",
+                    meta=_meta(dataset, model=model, granularity=granularity, **facets),
+                )
+            )
+    fig.update_layout(
+        title=f"Test mIoU against latency, fp32 and INT8, {dataset} (fp32: the series' marker, "
+        "INT8: a cross, joined by a line; both in ONNX Runtime)<br><sup>timed in-trial, one "
+        "after the other with the trial's threads: compare a trial's two points; other trials "
+        "may have run beside it</sup>",
+        showlegend=True,
+    )
+    fig.update_xaxes(title_text="median batch-1 latency, ONNX Runtime CPU (ms)", rangemode="tozero")
+    fig.update_yaxes(title_text="test mIoU")
+    return fig

@@ -29,6 +29,8 @@ from analysis.figures import (
     MODEL_ORDER,
     PRUNER_ORDER,
     examples_figure,
+    int8_figure,
+    int8_rows,
     label_distribution_figure,
     latency_pareto_figure,
     ordered,
@@ -51,6 +53,9 @@ FIGURE_SECTIONS = (
     ("per_class", "Per-class IoU"),
     ("examples", "Example predictions"),
 )
+# Only in the report (the live dashboard keeps FIGURE_SECTIONS), after the latency plot, for a
+# dataset whose trials have INT8 records with latency (the sweep's `deploy_int8`).
+INT8_SECTION = ("int8", "Test mIoU against latency, fp32 and INT8")
 TABLE_COLUMNS = (
     ("trial", "trial"),
     ("status", "status"),
@@ -72,6 +77,16 @@ TABLE_COLUMNS = (
     ("wall_time_s", "wall s"),
     ("node", "node"),
 )
+# Beside their fp32 counterparts (after the column named by the key), for rows with INT8 records
+INT8_TABLE_COLUMNS = {
+    "test_miou": (("int8_test_miou", "INT8 test mIoU"),),
+    "latency_device": (
+        ("onnx_latency_ms", "ONNX fp32 ms"),
+        ("int8_latency_ms", "INT8 ms"),
+        ("int8_agreement", "INT8 = fp32 pixels"),
+        ("int8_status", "INT8 export"),
+    ),
+}
 CELL_FORMATS = {  # columns not formatted as a float with three decimals
     "iou_drop_rel": "{:.1%}",
     "nonzero_params": "{:,.0f}",
@@ -81,6 +96,9 @@ CELL_FORMATS = {  # columns not formatted as a float with three decimals
     "compact_mib": "{:.2f}",
     "compact_fp16_mib": "{:.2f}",
     "latency_ms": "{:.1f}",
+    "onnx_latency_ms": "{:.1f}",
+    "int8_latency_ms": "{:.1f}",
+    "int8_agreement": "{:.1%}",
 }
 
 
@@ -209,9 +227,18 @@ def _facet_attributes(row: dict[str, Any]) -> str:
     return " ".join(f'data-{k}="{html.escape(str(v))}"' for k, v in facets.items())
 
 
+def table_columns(rows: pd.DataFrame) -> list[tuple[str, str]]:
+    """The trials table's (column, label) pairs: TABLE_COLUMNS, with the INT8 ones beside their
+    fp32 counterparts where some row has an INT8 record."""
+    if "int8_status" not in rows or rows["int8_status"].isna().all():
+        return list(TABLE_COLUMNS)
+    return [c for column in TABLE_COLUMNS for c in (column, *INT8_TABLE_COLUMNS.get(column[0], ()))]
+
+
 def _results_html(results: pd.DataFrame, dataset: str, class_names: list[str]) -> str:
     rows = with_granularity(results[results["dataset"] == dataset])
-    columns = [*TABLE_COLUMNS, *((f"iou_{column_name(n)}", f"IoU {n}") for n in class_names)]
+    per_class = ((f"iou_{column_name(n)}", f"IoU {n}") for n in class_names)
+    columns = [*table_columns(rows), *per_class]
     head = "".join(f"<th>{html.escape(label)}</th>" for _, label in columns)
     body = []
     for row in rows.to_dict("records"):
@@ -267,6 +294,16 @@ def _figure_html(fig: go.Figure, div_id: str) -> str:
     return pio.to_html(fig, full_html=False, include_plotlyjs=False, div_id=div_id, config=config)
 
 
+def report_sections(figures: dict[str, go.Figure]) -> list[tuple[str, str]]:
+    """FIGURE_SECTIONS, with INT8_SECTION after the latency plot when `figures` has it."""
+    sections = []
+    for section in FIGURE_SECTIONS:
+        sections.append(section)
+        if section[0] == "pareto_latency" and INT8_SECTION[0] in figures:
+            sections.append(INT8_SECTION)
+    return sections
+
+
 def dashboard_html(run: Run) -> str:
     """The whole report page; plotly.js is inlined so it works offline."""
     results = run.results
@@ -278,8 +315,10 @@ def dashboard_html(run: Run) -> str:
     sections = []
     for dataset in ordered(results["dataset"].dropna(), ("sscs", "nea")):
         figures = dataset_figures(run, dataset, dist, example.get(dataset))
+        if not int8_rows(results, dataset).empty:
+            figures[INT8_SECTION[0]] = int8_figure(results, dataset)
         parts = [f"<h2>{html.escape(dataset)}</h2>"]
-        for key, heading in FIGURE_SECTIONS:
+        for key, heading in report_sections(figures):
             parts.append(f"<h3>{heading}</h3>")
             parts.append(_figure_html(figures[key], f"fig-{dataset}-{key}"))
         combos = _summary_html(summary, dataset)

@@ -26,6 +26,9 @@ class SweepConfig:
     gpus_per_trial: float = 1
     max_concurrent: int = 0  # 0: as many as resources allow
     max_failures: int = 2  # retries of a crashed trial, each from its own last checkpoint
+    # After each trial, on its node: static INT8 ONNX of its final model, test mIoU and latency
+    # beside the fp32 ones (sweep/deploy_step.py). Adds records, changes no result.
+    deploy_int8: bool = False
 
     @classmethod
     def from_dict(cls, config: dict[str, Any] | None) -> SweepConfig:
@@ -61,6 +64,8 @@ class SweepConfig:
             cfg = dataclasses.replace(cfg, seeds=seeds)
         if not all(0 < s < 1 for s in cfg.sparsities):
             raise UserError(f"sweep.sparsities {cfg.sparsities}: each must be in (0, 1)")
+        if not isinstance(cfg.deploy_int8, bool):
+            raise UserError(f"sweep.deploy_int8 {cfg.deploy_int8!r}: expected true or false")
         if cfg.cpus_per_trial <= 0 or cfg.gpus_per_trial < 0 or cfg.max_concurrent < 0:
             raise UserError(
                 "sweep: cpus_per_trial must be > 0, gpus_per_trial and max_concurrent >= 0"

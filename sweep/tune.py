@@ -78,6 +78,36 @@ def _finished(spec: dict[str, Any]) -> bool:
     return (Path(spec["out_dir"]) / "final.json").exists()
 
 
+def _needs_int8(spec: dict[str, Any]) -> bool:
+    from sweep.deploy_step import needs_int8
+
+    return needs_int8(Path(spec["out_dir"]))
+
+
+def train_and_deploy(config: dict[str, Any]) -> None:
+    """Ray entry of a sweep with `deploy_int8`: the trial (one finished earlier returns at
+    once), then its INT8 record on the same node (sweep/deploy_step.py). The INT8 step never
+    fails the trial: a refused export is recorded, and any other failure is a warning, tried
+    again by the next run of the sweep."""
+    from sweep.deploy_step import REFUSED, deploy_int8
+    from trainables.ray_entry import train_trial
+
+    train_trial(config)
+    out_dir = Path(config["trial"]["out_dir"])
+    try:
+        record = deploy_int8(out_dir)
+    except Exception as err:  # noqa: BLE001 - the trial's results stand whatever happens here
+        print(
+            f"warning: the INT8 step of {out_dir.name} failed ({type(err).__name__}: {err}); "
+            "run the sweep again to retry it",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    if record["status"] == REFUSED:
+        print(f"INT8 export of {out_dir.name} refused: {record['reason']}", flush=True)
+
+
 def run_stage(
     name: str,
     specs: list[dict[str, Any]],
@@ -100,17 +130,24 @@ def run_stage(
 
     outcome: dict[str, str | None] = {s["name"]: None for s in specs if _finished(s)}
     pending = [s for s in specs if not _finished(s)]
+    # Finished trials without their INT8 record (`deploy_int8` newly on): the same trainable
+    # finds the trial done and makes only the record, on a node like the one that ran it.
+    to_deploy = [s for s in specs if sweep.deploy_int8 and _needs_int8(s)]
     if specs:
+        deploy = f", {len(to_deploy)} finished to deploy as INT8" if to_deploy else ""
         print(
-            f"[{name}] {len(specs)} trials: {len(outcome)} finished earlier, {len(pending)} to run",
+            f"[{name}] {len(specs)} trials: {len(outcome)} finished earlier, {len(pending)} to "
+            f"run{deploy}",
             flush=True,
         )
-    if not pending:
+    if not pending and not to_deploy:
         return outcome
-    trainable = tune.with_resources(train_trial, {"cpu": sweep.cpus_per_trial, "gpu": gpus})
+    entry = train_and_deploy if sweep.deploy_int8 else train_trial
+    trainable = tune.with_resources(entry, {"cpu": sweep.cpus_per_trial, "gpu": gpus})
+    earlier = len(outcome) - len(to_deploy)  # finished with nothing left to do
     tuner = tune.Tuner(
         trainable,
-        param_space={"trial": tune.grid_search(pending)},
+        param_space={"trial": tune.grid_search(pending + to_deploy)},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=sweep.max_concurrent or None,
             # A finished trial's process takes the next trial (same resources): torch, smp and
@@ -121,13 +158,13 @@ def run_stage(
             name=name,
             storage_path=str(run_dir),
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-            callbacks=[_progress_callback(name, len(specs), len(outcome)), *(callbacks or [])],
+            callbacks=[_progress_callback(name, len(specs), earlier), *(callbacks or [])],
             verbose=0,
         ),
     )
     for result in tuner.fit():
         trial_name = result.config.get("trial", {}).get("name")
-        if trial_name is not None:
+        if trial_name is not None and trial_name not in outcome:  # finished earlier: it stands
             outcome[trial_name] = None if result.error is None else _first_line(result.error)
     for spec in pending:  # trials Tune never reported
         if spec["name"] not in outcome:
@@ -201,8 +238,10 @@ def _init_ray(address: str | None) -> None:
         return
     if address:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    else:  # a Ray of its own, even where `ray start` left one running (it has its own --address)
+        ray.init(
+            address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False
+        )
 
 
 def trial_environment() -> dict[str, str]:
@@ -326,6 +365,9 @@ def write_label_distribution(run_dir: Path, dense: list[TrialSpec]) -> None:
 # Settings that change how trials are scheduled, never what they compute: a resumed sweep may
 # change them (after an out-of-memory at 0.5 GPU per trial, resume with 1).
 RESOURCE_KEYS = ("cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_failures")
+# Settings that add records beside a trial's results, never change them: a resumed sweep may
+# switch them on (finished trials get the missing records) or off (what is there stays).
+RECORD_KEYS = ("deploy_int8",)
 
 
 def _resolved_sweep_file(request: SweepRequest) -> dict[str, Any]:
@@ -349,7 +391,7 @@ def _seeds(resolved: dict[str, Any]) -> list[int]:
 
 
 def _results_part(resolved: dict[str, Any]) -> dict[str, Any]:
-    skip = (*RESOURCE_KEYS, "seeds")  # seeds are compared apart: a resume may add seeds
+    skip = (*RESOURCE_KEYS, *RECORD_KEYS, "seeds")  # seeds are compared apart: may be added
     sweep = {k: v for k, v in (resolved.get("sweep") or {}).items() if k not in skip}
     rest = {k: v for k, v in resolved.items() if k not in ("sweep", "code_version")}
     return {**rest, "sweep": sweep}
@@ -365,8 +407,9 @@ def _differences(old: Any, new: Any, where: str = "") -> list[str]:
 def _check_run_dir(request: SweepRequest, run_dir: Path) -> dict[str, Any]:
     """The sweep file to write; refuses a RUN_DIR holding another sweep or another code version.
 
-    Only what changes results is compared: resources (`RESOURCE_KEYS`) may differ on resume,
-    and seeds may be added (each new seed trains its own bases and combinations).
+    Only what changes results is compared: resources (`RESOURCE_KEYS`) and added records
+    (`RECORD_KEYS`) may differ on resume, and seeds may be added (each new seed trains its own
+    bases and combinations).
     """
     import yaml
 
@@ -404,6 +447,16 @@ def _check_run_dir(request: SweepRequest, run_dir: Path) -> dict[str, Any]:
     return resolved
 
 
+def _int8_text(trial_dir: Path) -> str:
+    """The trial's INT8 test mIoU for the summary ("" without a record)."""
+    from sweep.deploy_step import REFUSED, read_record
+
+    record = read_record(trial_dir)
+    if record is None:
+        return ""
+    return "  INT8 refused" if record["status"] == REFUSED else f"  INT8 {record['test_miou']:.4f}"
+
+
 def summary(run_dir: Path, specs: list[TrialSpec], status: dict[str, Any]) -> str:
     rows = []
     baseline = None
@@ -419,7 +472,7 @@ def summary(run_dir: Path, specs: list[TrialSpec], status: dict[str, Any]) -> st
         text = f"dense {dense:.4f}"
         if pruned is not None:
             text += f"  pruned {pruned:.4f} at sparsity {result['achieved_sparsity']:.2f}"
-        rows.append(f"  {spec.name:<40} {text}")
+        rows.append(f"  {spec.name:<40} {text}{_int8_text(Path(spec.out_dir))}")
     finished = sum(err is None for stage in ("dense", "pruned") for err in status[stage].values())
     total = len(specs)
     lines = [f"test mIoU per trial ({finished}/{total} finished):", *rows]

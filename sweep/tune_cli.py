@@ -42,6 +42,13 @@ def add_sweep_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cpus-per-trial", type=float)
     p.add_argument("--max-concurrent", type=int)
     p.add_argument(
+        "--deploy-int8",
+        action=argparse.BooleanOptionalAction,
+        help="after each trial, export its final model as static INT8 ONNX and record its test "
+        "mIoU and latency beside the fp32 ones (default: the preset's sweep.deploy_int8, off); "
+        "may be switched on when resuming a RUN_DIR",
+    )
+    p.add_argument(
         "--skip-data-check",
         action="store_true",
         help="start the trials without validating every dataset file first",
@@ -116,6 +123,7 @@ def add_demo_command(sub: argparse._SubParsersAction) -> None:
         gpus_per_trial=None,
         cpus_per_trial=None,
         max_concurrent=None,
+        deploy_int8=None,
         skip_data_check=False,
         set=[],
     )
@@ -137,6 +145,7 @@ def build_request(args: argparse.Namespace):
         "gpus_per_trial": args.gpus_per_trial,
         "cpus_per_trial": args.cpus_per_trial,
         "max_concurrent": args.max_concurrent,
+        "deploy_int8": args.deploy_int8,
     }
     raw.update({k: v for k, v in flags.items() if v is not None})
     sweep = SweepConfig.from_dict(raw)

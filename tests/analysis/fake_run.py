@@ -281,3 +281,41 @@ def seeded(run: Run, spread: float = 0.0005, seeds: int = 3) -> Run:
         c["val_miou"] = c["val_miou"] * (1 + 0.01 * seed)
         curves.append(c)
     return replace(run, results=pd.concat(results), curves=pd.concat(curves))
+
+
+INT8_REFUSED = "synthetic-linknet-agp-s0.5"  # its INT8 export refused by the agreement floor
+
+
+def write_int8_records(run_dir: Path, models: tuple[str, ...] = ("fpn", "linknet")) -> list[str]:
+    """deploy/int8.json, as the sweep's `deploy_int8` writes it, for the finished synthetic
+    trials of `models` (element and channel ones); INT8_REFUSED is refused. Returns the trials:
+    INT8 runs 2x faster than fp32 ONNX Runtime, which runs 0.8x torch's time, and loses 0.004
+    mIoU."""
+    from sweep.deploy_step import FORMAT, record_path
+
+    written = []
+    prefixes = tuple(f"synthetic-{m}-" for m in models)
+    for trial in sorted((run_dir / "trials").iterdir()):
+        final_path = trial / "final.json"
+        if not trial.name.startswith(prefixes) or not final_path.exists():
+            continue
+        final = json.loads(final_path.read_text())
+        block = final["pruned"] or final["dense"]
+        record: dict = {"format": FORMAT, "runtime": "onnxruntime-int8", "cpu": "fake CPU"}
+        if trial.name == INT8_REFUSED:
+            record.update(status="refused", reason="INT8 model of m agrees with fp32 on only 60%")
+        else:
+            fp32_ms = 0.8 * final["inference"]["latency_ms"]
+            record.update(
+                status="exported",
+                reason=None,
+                test_miou=block["test_miou"] - 0.004,
+                latency_ms=fp32_ms / 2,
+                fp32_onnx_latency_ms=fp32_ms,
+                agreement=0.99,
+                file_mib=final["inference"]["compact_mib"] / 4,
+            )
+        record_path(trial).parent.mkdir(exist_ok=True)
+        _dump(record_path(trial), record)
+        written.append(trial.name)
+    return written

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from analysis.collect import (
     INFERENCE_COLUMNS,
+    INT8_COLUMNS,
     RESULT_COLUMNS,
     expected_trials,
     label_distribution,
@@ -22,10 +24,12 @@ from analysis.collect import (
 from tests.analysis.fake_run import (
     CHANNEL_TRIALS,
     ERRORED,
+    INT8_REFUSED,
     NO_LATENCY,
     NOT_STARTED,
     RUNNING,
     inference,
+    write_int8_records,
 )
 
 
@@ -167,6 +171,37 @@ def test_size_and_latency_columns_come_from_final_json(fake_run_dir: Path) -> No
     assert all(math.isnan(old[c]) for c in ("params_deploy", "gmacs", "compact_mib", "latency_ms"))
     curves = run.curves
     assert set(curves.loc[curves["trial"].isin(CHANNEL_TRIALS), "granularity"]) == {"channel"}
+
+
+def test_int8_columns_come_from_the_trials_int8_records(own_run_dir: Path) -> None:
+    assert set(INT8_COLUMNS.values()) <= set(RESULT_COLUMNS)
+    before = load_run(own_run_dir)  # a run without `deploy_int8`: NaN / None, no notes
+    assert before.results[["int8_test_miou", "int8_latency_ms", "int8_status"]].isna().all().all()
+    assert not any("INT8" in n for n in missing_notes(before))
+    written = write_int8_records(own_run_dir)
+    run = load_run(own_run_dir)
+    results = run.results.set_index("trial")
+    row = results.loc["synthetic-fpn-agp-channel-s0.9"]
+    assert row["int8_status"] == "exported" and row["int8_agreement"] == 0.99
+    assert row["int8_test_miou"] == pytest.approx(row["test_miou"] - 0.004)
+    assert row["onnx_latency_ms"] == pytest.approx(2 * row["int8_latency_ms"])
+    refused = results.loc[INT8_REFUSED]
+    assert refused["int8_status"] == "refused" and math.isnan(refused["int8_test_miou"])
+    assert refused["int8_reason"].endswith("agrees with fp32 on only 60%")
+    others = results.drop(written)
+    assert others["int8_status"].isna().all() and others["int8_test_miou"].isna().all()
+    notes = missing_notes(run)
+    assert f"INT8 export refused: {INT8_REFUSED}: INT8 model of m agrees" in "\n".join(notes)
+    assert not any(n.startswith("no INT8 record yet") for n in notes)
+    # A sweep with `deploy_int8` names its finished trials that have no record yet.
+    sweep = yaml.safe_load((own_run_dir / "sweep.yaml").read_text())
+    sweep["sweep"]["deploy_int8"] = True
+    (own_run_dir / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    waiting = [n for n in missing_notes(load_run(own_run_dir)) if "no INT8 record yet" in n]
+    assert len(waiting) == 1
+    names = waiting[0].split(": ", 1)[1].split(", ")
+    assert "synthetic-unet-dense" in names and "nea-fpn-dense" in names
+    assert not {"synthetic-fpn-dense", INT8_REFUSED, ERRORED, RUNNING} & set(names)
 
 
 def test_expected_trials_with_a_granularity_axis() -> None:

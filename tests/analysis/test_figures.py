@@ -14,6 +14,8 @@ from analysis.collect import examples, label_distribution, load_run
 from analysis.figures import (
     ema,
     examples_figure,
+    int8_figure,
+    int8_rows,
     label_distribution_figure,
     latency_pareto_figure,
     pareto_front,
@@ -24,7 +26,15 @@ from analysis.figures import (
     training_figure,
 )
 from analysis.images import colorize, png_data_uri
-from tests.analysis.fake_run import DENSE_MIOU, NO_LATENCY, PRUNE_EPOCHS, RUNNING, seeded
+from tests.analysis.fake_run import (
+    DENSE_MIOU,
+    NO_LATENCY,
+    PRUNE_EPOCHS,
+    RUNNING,
+    seeded,
+    write_fake_run,
+    write_int8_records,
+)
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +227,34 @@ def test_size_pareto_figure_and_a_run_without_sizes(run) -> None:
     gone = run.results.drop(columns=["latency_ms", "latency_device", "compact_mib"])
     assert latency_pareto_figure(gone, "synthetic").layout.annotations
     assert size_pareto_figure(gone, "synthetic").layout.annotations
+
+
+def test_int8_figure_joins_each_trials_fp32_and_int8_points(run, tmp_path: Path) -> None:
+    assert int8_rows(run.results, "synthetic").empty  # a run without INT8 records
+    small = write_fake_run(
+        tmp_path / "run", ("synthetic",), ("fpn", "linknet"), ("agp",), (0.5, 0.9)
+    )
+    write_int8_records(small)
+    results = load_run(small).results
+    fig = int8_figure(results, "synthetic")
+    assert fig.layout.xaxis.title.text == "median batch-1 latency, ONNX Runtime CPU (ms)"
+    assert fig.layout.yaxis.title.text == "test mIoU"
+    assert "fp32 and INT8, synthetic" in fig.layout.title.text
+    by_name = {t.name: t for t in fig.data}
+    assert set(by_name) == {
+        f"{m} {s}" for m in ("fpn", "linknet") for s in ("dense", "agp", "agp (channel)")
+    }
+    agp = by_name["fpn agp"]  # per trial: its fp32 point, its INT8 point, a gap
+    assert list(agp.marker.symbol) == ["diamond", "x", "diamond"] * 2  # fp32 as in the Pareto plots
+    assert by_name["fpn agp (channel)"].marker.symbol[:2] == ("diamond-open", "x")
+    assert by_name["fpn dense"].marker.symbol[0] == "star" and agp.line.dash == "dash"
+    row = results.set_index("trial").loc["synthetic-fpn-agp-s0.5"]
+    assert list(agp.x[:3]) == [row["onnx_latency_ms"], row["int8_latency_ms"], None]
+    assert list(agp.y[:2]) == [row["test_miou"], row["int8_test_miou"]]
+    assert list(agp.text[:2]) == ["synthetic-fpn-agp-s0.5 fp32", "synthetic-fpn-agp-s0.5 INT8"]
+    assert (
+        agp.marker.color == by_name["fpn dense"].marker.color != by_name["linknet agp"].line.color
+    )
+    assert by_name["fpn dense"].meta["reference"] and agp.meta["pruner"] == "agp"
+    assert by_name["fpn agp (channel)"].meta["granularity"] == "channel"
+    assert len(by_name["linknet agp"].x) == 3  # its refused s0.5 has no INT8 point

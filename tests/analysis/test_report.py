@@ -12,7 +12,14 @@ import pytest
 
 from analysis.report import atomic_write, build_report
 from sweep.cli import main
-from tests.analysis.fake_run import ERRORED, NOT_STARTED, RUNNING
+from tests.analysis.fake_run import (
+    ERRORED,
+    INT8_REFUSED,
+    NOT_STARTED,
+    RUNNING,
+    write_fake_run,
+    write_int8_records,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -65,6 +72,39 @@ def test_page_has_the_pareto_plots_and_size_and_latency_columns(report_dir: Path
     results = pd.read_parquet(report_dir / "results.parquet").set_index("trial")
     assert results.loc["synthetic-fpn-agp-channel-s0.9", "latency_ms"] > 0
     assert results.loc["nea-fpn-dense", "granularity"] == "none"
+
+
+def _section(page: str, dataset: str) -> str:
+    start = page.index(f'<section class="dataset-section" data-dataset="{dataset}">')
+    return page[start : page.index("</section>", start)]
+
+
+def test_without_int8_records_no_int8_columns_or_figure(report_dir: Path) -> None:
+    page = (report_dir / "dashboard.html").read_text()
+    assert "fp32 and INT8" not in page and "<th>INT8" not in page and "-int8" not in page
+    results = pd.read_parquet(report_dir / "results.parquet")
+    assert results[["int8_test_miou", "int8_latency_ms"]].isna().all().all()
+
+
+def test_report_shows_fp32_and_int8_side_by_side(tmp_path: Path) -> None:
+    run_dir = write_fake_run(tmp_path / "run", models=("fpn", "linknet"), pruners=("agp",))
+    write_int8_records(run_dir)
+    build_report(run_dir, tmp_path / "report")
+    page = (tmp_path / "report" / "dashboard.html").read_text()
+    synthetic, nea = _section(page, "synthetic"), _section(page, "nea")
+    assert 'id="fig-synthetic-int8"' in synthetic and "fig-nea-int8" not in page
+    latency, int8, size = (
+        synthetic.index(f'id="fig-synthetic-{k}"')
+        for k in ("pareto_latency", "int8", "pareto_size")
+    )
+    assert latency < int8 < size  # right after the latency plot
+    assert "<th>test mIoU</th><th>INT8 test mIoU</th>" in synthetic
+    assert "<th>latency device</th><th>ONNX fp32 ms</th><th>INT8 ms</th>" in synthetic
+    assert "<th>INT8" not in nea  # no INT8 record in that dataset: no empty columns
+    assert "<td>refused</td>" in synthetic and f"INT8 export refused: {INT8_REFUSED}" in page
+    results = pd.read_parquet(tmp_path / "report" / "results.parquet").set_index("trial")
+    assert results.loc["synthetic-fpn-dense", "int8_status"] == "exported"
+    assert results.loc["synthetic-fpn-dense", "int8_latency_ms"] > 0
 
 
 def test_report_command(own_run_dir: Path, capsys: pytest.CaptureFixture) -> None:

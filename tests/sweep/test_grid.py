@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sweep.config import load_preset
 from sweep.grid import SweepConfig, expand, parse_roots
@@ -71,6 +72,25 @@ def test_sweep_settings_reject_unknown_keys_and_values() -> None:
         SweepConfig.from_dict({"models": ["deeplab"]})
     with pytest.raises(UserError, match="in \\(0, 1\\)"):
         SweepConfig.from_dict({"sparsities": [1.0]})
+
+
+def test_deploy_int8_from_the_preset_or_the_flag(tmp_path: Path, capsys) -> None:
+    from sweep.cli import build_parser, main
+    from sweep.tune_cli import build_request
+
+    assert SweepConfig.from_dict({}).deploy_int8 is False
+    preset = tmp_path / "p.yaml"
+    preset.write_text(yaml.safe_dump({"sweep": {"datasets": ["synthetic"], "deploy_int8": True}}))
+    argv = ["sweep", "--preset", str(preset), "--out", str(tmp_path / "run")]
+    for flags, expected in (([], True), (["--no-deploy-int8"], False), (["--deploy-int8"], True)):
+        args = build_parser().parse_args([*argv, *flags])
+        assert build_request(args).sweep.deploy_int8 is expected
+    for bad in ("yes please", 1, None):
+        with pytest.raises(UserError, match=f"sweep.deploy_int8 {bad!r}: expected true or false"):
+            SweepConfig.from_dict({"deploy_int8": bad})
+    preset.write_text(yaml.safe_dump({"sweep": {"deploy_int8": "sometimes"}}))
+    assert main(argv) == 2
+    assert "error: sweep.deploy_int8 'sometimes': expected true or false" in capsys.readouterr().err
 
 
 def test_data_roots_are_named_and_checked(tmp_path: Path) -> None:

@@ -10,7 +10,13 @@ from PIL import Image
 
 from sweep.cli import main
 from sweep.grid import SweepConfig, absolute_paths, expand
-from sweep.tune import SweepRequest, _check_run_dir, gpus_per_trial, trial_environment
+from sweep.tune import (
+    SweepRequest,
+    _check_run_dir,
+    _init_ray,
+    gpus_per_trial,
+    trial_environment,
+)
 from tests.conftest import tiny_config
 from trainables.config import TrialConfig
 from trainables.errors import UserError
@@ -39,6 +45,16 @@ def test_resume_may_change_resources(tmp_path: Path, changed: dict) -> None:
     _written(tmp_path, gpus_per_trial=1, cpus_per_trial=4)
     resolved = _check_run_dir(_request(tmp_path, **changed), tmp_path)
     assert resolved["sweep"] == {**resolved["sweep"], **changed}  # the new resources are recorded
+
+
+def test_resume_may_switch_int8_records_on_or_off(tmp_path: Path) -> None:
+    """They add records beside a trial's results and change none (run_stage fills in the INT8
+    records of trials finished before it was on)."""
+    _written(tmp_path)
+    resolved = _check_run_dir(_request(tmp_path, deploy_int8=True), tmp_path)
+    assert resolved["sweep"]["deploy_int8"] is True
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(resolved))
+    assert _check_run_dir(_request(tmp_path), tmp_path)["sweep"]["deploy_int8"] is False
 
 
 def test_resume_refuses_other_results_settings_and_names_them(tmp_path: Path) -> None:
@@ -93,6 +109,21 @@ def test_gpus_fall_back_to_zero_only_where_none_can_ever_appear(
     requested: float, gpus_now: float, can_add: bool | None, expected: float
 ) -> None:
     assert gpus_per_trial(requested, gpus_now, can_add) == expected
+
+
+@pytest.mark.parametrize(("address", "joins"), [(None, "local"), ("auto", "auto")])
+def test_without_an_address_the_sweep_starts_a_ray_of_its_own(
+    address: str | None, joins: str, monkeypatch
+) -> None:
+    """Not the cluster `ray start` left on this machine, which Ray's own default would join (and
+    then refuse the CPU count given for the local one)."""
+    import ray
+
+    calls: list[dict] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    _init_ray(address)
+    assert [c["address"] for c in calls] == [joins]
 
 
 def test_relative_paths_become_absolute_in_the_driver(tmp_path: Path, monkeypatch) -> None:
