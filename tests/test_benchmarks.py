@@ -1,9 +1,10 @@
-"""The training and loader benchmarks measure the project's own step and pipeline, on tiny inputs."""
+"""The benchmarks measure the project's own step, pipeline, pruned models and runtimes, on tiny inputs."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -158,3 +159,135 @@ def test_seed_spread_from_a_multi_seed_run(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "seeds 0, 1, 2" in out and "| drop from own seed's dense (paired) |" in out
     assert "| 0.0100 |" in out and "| FPN and LinkNet hold IoU best | synthetic |" in out
+
+
+# ---- deployable speed: coupled pruning against Torch-Pruning, three runtimes --------------------
+
+
+@pytest.fixture(scope="module")
+def bench_coupled() -> ModuleType:
+    return load("bench_coupled")
+
+
+@pytest.fixture(scope="module")
+def bench_proxy() -> ModuleType:
+    return load("bench_proxy")
+
+
+def test_coupled_bench_arguments(
+    bench_coupled: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    every = bench_coupled.parse_args(["--archs", "all"])
+    assert every.archs == ["unet", "unetplusplus", "fpn", "linknet", "manet"]
+    assert every.runtimes == ["torch", "onnx", "onnx-int8"]
+    assert bench_coupled.parse_args(["--arch", "manet"]).archs == ["manet"]  # the old option
+    monkeypatch.setattr(sys, "stderr", sys.stdout)
+    with pytest.raises(SystemExit):
+        bench_coupled.parse_args(["--runtimes", "torch,tensorrt"])
+
+
+def test_coupled_bench_times_each_model_through_three_runtimes(
+    bench_coupled: ModuleType, capsys
+) -> None:
+    args = bench_coupled.parse_args(
+        ["--archs", "fpn", "--encoder", "tu-test_resnet", "--size", "64", "64"]
+        + ["--channel-sparsities", "", "--coupled-sparsities", "", "--tp-ratios", "0.5"]
+        + ["--repeats", "2", "--threads", "1", "--calibration-images", "1"]
+    )
+    rows = bench_coupled.comparison("fpn", args)
+    dense, tp_row, matched = rows
+    assert (dense["model"], tp_row["model"]) == ("dense", "Torch-Pruning ratio 0.5")
+    assert matched["model"].endswith("(params of TP 0.5)")
+    for row in rows:
+        assert set(row["latency"]) == {"torch", "onnx", "onnx-int8"}
+        assert all(0 < p50 <= p90 for p50, p90 in row["latency"].values())
+    # coupled at Torch-Pruning's size: within one coupled unit of its count, far below dense
+    assert abs(matched["params"] - tp_row["params"]) < 0.05 * tp_row["params"]
+    assert tp_row["params"] < 0.5 * dense["params"] and tp_row["gmacs"] < dense["gmacs"]
+    bench_coupled.print_table(rows, args.runtimes)
+    lines = capsys.readouterr().out.splitlines()
+    assert "| ORT INT8 ms p50 / p90 (speed-up) |" in lines[0] and len(lines) == 2 + len(rows)
+    assert lines[2].startswith("| dense | 0.000 |") and "(1.00x)" in lines[2]
+
+
+def test_torch_pruning_model_reloads_from_its_history(
+    bench_proxy: ModuleType, tmp_path: Path
+) -> None:
+    from trainables.config import TrialConfig
+    from trainables.models import build_model
+
+    cfg = TrialConfig.from_dict(
+        {"model": {"arch": "fpn", "encoder": "tu-test_resnet", "encoder_weights": None}}
+    )
+    model = build_model(cfg.model, 4).eval()
+    pruner, _ = bench_proxy.tp_pruner(model, bench_proxy.tp.importance.MagnitudeImportance(), 0.5)
+    pruner.step()
+    run = bench_proxy.TpRun(model, bench_proxy.plain_history(pruner), 0.0)
+    bench_proxy.save_tp(run, cfg, 0.5, tmp_path / "tp.pt")
+    loaded, _ = bench_proxy.load_tp(tmp_path / "tp.pt")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert bench_proxy.params_of(loaded) == bench_proxy.tp_params(build_model(cfg.model, 4), 0.5, 1)
+
+
+def proxy_record(method: str, sparsity: float, ms: float, miou: float, **extra) -> dict:
+    latency = {r: [ms, ms] for r in ("torch", "onnx", "onnx-int8")}
+    return {
+        "seed": 0,
+        "method": method,
+        "sparsity": sparsity,
+        "params": 1,
+        "gmacs": 1.0,
+        "counted_kept": 1,
+        "ratio": 0.3,
+        "latency": latency,
+        "miou": {"torch": miou, "onnx": miou, "onnx-int8": miou - 0.01},
+        **extra,
+    }
+
+
+def test_matched_latency_interpolates_torch_prunings_curve(bench_proxy: ModuleType) -> None:
+    models = [
+        proxy_record("dense", 0.0, 100.0, 0.80),
+        proxy_record("tp", 0.5, 50.0, 0.70),
+        proxy_record("tp", 0.9, 25.0, 0.50),
+        proxy_record("coupled", 0.5, 40.0, 0.72),  # TP at 40 ms: 0.5 + 15/25 * 0.2 = 0.62
+        proxy_record("coupled", 0.9, 20.0, 0.45),  # faster than any Torch-Pruning model
+    ]
+    lines = bench_proxy.matched_table({"models": models})
+    torch_row = next(line for line in lines if line.startswith("| 0.5 | torch |"))
+    assert "| 0.620 ± 0.000 | 0.100 ± 0.000 | 1/1 |" in torch_row
+    int8_row = next(line for line in lines if line.startswith("| 0.5 | ORT INT8 |"))
+    assert "| 0.710 ± 0.000 | 0.610 ± 0.000 | 0.100 ± 0.000 |" in int8_row  # INT8 against INT8
+    assert next(line for line in lines if line.startswith("| 0.9 | torch |")).endswith("| 0/1 |")
+
+
+def test_proxy_accuracy_and_latency_passes(bench_proxy: ModuleType, tmp_path: Path) -> None:
+    """One seed, one sparsity, two epochs a stage: every model scored through torch, ONNX fp32
+    and INT8, Torch-Pruning reloaded from its history, then the latency pass on the files."""
+    out = tmp_path / "results.json"
+    argv = ["--out", str(out), "--seeds", "0", "--sparsities", "0.5", "--encoder"]
+    argv += ["tu-test_resnet", "--size", "32", "--train-images", "8", "--test-images", "2"]
+    argv += ["--train-epochs", "2", "--prune-epochs", "2", "--finetune-epochs", "2", "--steps"]
+    argv += ["2", "--taylor-batches", "1", "--calibration-images", "2", "--threads", "1"]
+    assert bench_proxy.main(argv) == 0
+    models = {m["method"]: m for m in json.loads(out.read_text())["models"]}
+    assert set(models) == {"dense", "coupled", "tp"}
+    coupled, tp_model = models["coupled"], models["tp"]
+    assert coupled["miou"]["torch"] == pytest.approx(coupled["trial_miou"], abs=1e-6)
+    for m in models.values():
+        assert m["miou"]["onnx"] == pytest.approx(m["miou"]["torch"], abs=0.01)
+        assert 0 <= m["miou"]["onnx-int8"] <= 1 and m["int8_agreement"] >= 0.8
+    dense = bench_proxy.dense_model(
+        bench_proxy.base_config(bench_proxy.parse_args(argv), 0),
+        tmp_path / models["dense"]["files"]["torch"],
+    )
+    assert tp_model["params"] == bench_proxy.tp_params(dense, tp_model["ratio"], 2)
+    assert tp_model["params"] < models["dense"]["params"]
+    latency_argv = ["--latency-from", str(out), "--repeats", "1", "--threads", "1"]
+    assert bench_proxy.main(latency_argv) == 0
+    table = (tmp_path / "table-32.md").read_text()
+    assert "| dense | 0.000 |" in table and "| 0.5 | ORT INT8 |" in table
+    timed = json.loads((tmp_path / "latency-32.json").read_text())["models"]
+    assert all(set(m["latency"]) == {"torch", "onnx", "onnx-int8"} for m in timed)
