@@ -2,13 +2,14 @@
 
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
 
 from deploy import export
 from deploy.artefacts import load_compact, model_from_checkpoint
-from deploy.export import export_compact, export_onnx, verify_onnx
+from deploy.export import export_compact, export_onnx, logits_match, verify_onnx
 from sweep.cli import main
 from tests.deploy.conftest import foreign_onnx, pruned_model, pruned_with_masks
 from trainables.checkpoint import save_checkpoint
@@ -176,3 +177,14 @@ def test_export_refuses_what_it_cannot_make(shipped, tmp_path: Path, capsys) -> 
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (message, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign.onnx"]
+
+
+def test_onnx_check_scales_with_the_logits() -> None:
+    """Rounding grows with the activations: a difference of 0.2 on logits of 1,000 is rounding
+    (a random-weight U-Net-ResNet-101 was refused for 0.22), on logits of 1 it is a wrong model."""
+    expected = np.array([1000.0, 0.0, -3.0], dtype=np.float32)
+    assert logits_match(expected + np.array([0.0, 0.2, 0.0], dtype=np.float32), expected)
+    assert not logits_match(expected + np.array([0.0, 5.0, 0.0], dtype=np.float32), expected)
+    small = np.array([1.0, 0.0, -0.5], dtype=np.float32)
+    assert logits_match(small + 5e-4, small)
+    assert not logits_match(small + np.array([0.0, 0.2, 0.0], dtype=np.float32), small)
