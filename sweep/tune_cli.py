@@ -191,36 +191,81 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def add_tune_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "tune", help="search the fine-tuning stage of a finished sweep's pruned models"
+        "tune",
+        help="search a finished sweep: its fine-tuning (--preset finetune-hpo) or the most "
+        "accurate model under a latency budget (--preset budget-search --budget-ms MS)",
     )
-    p.add_argument("--preset", default="finetune-hpo")
+    p.add_argument("--preset", default="finetune-hpo", help="finetune-hpo, budget-search or a YAML")
     p.add_argument(
         "--from", dest="run_dir", type=Path, required=True, help="a finished sweep's RUN_DIR"
     )
     p.add_argument(
         "--select",
         help="e.g. model=fpn,pruner=agp,sparsity=0.9,seed=0 (keys: the trial identity;"
-        " default: every pruned trial)",
+        " default: every pruned trial; budget search: the dataset and seed to start from)",
     )
-    p.add_argument("--samples", type=int, help="configurations per combination")
+    p.add_argument("--samples", type=int, help="configurations (per combination for finetune-hpo)")
     p.add_argument("--address", help="Ray cluster address (default: a local Ray)")
-    p.add_argument("--out", type=Path, required=True, help="TUNE_DIR")
+    p.add_argument("--out", type=Path, required=True, help="TUNE_DIR / SEARCH_DIR")
+    budget = p.add_argument_group("budget search (--preset budget-search)")
+    budget.add_argument(
+        "--budget-ms",
+        type=float,
+        help="latency budget: batch-1 milliseconds at the test images' size, measured here",
+    )
+    budget.add_argument(
+        "--runtime",
+        default="onnx",
+        help="runtime the budget holds for: onnx (ONNX Runtime fp32, default), onnx-int8, torch",
+    )
+    budget.add_argument(
+        "--threads", type=int, help="CPU threads of every latency measurement (default: up to 4)"
+    )
     p.set_defaults(func=cmd_tune)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from sweep.hpo import run_search
-
     if args.samples is not None and args.samples < 1:
         raise UserError(f"--samples {args.samples}: at least 1")
+    preset = load_preset(args.preset)
+    if "budget" in preset:
+        return cmd_budget(args, preset)
+    if args.budget_ms is not None:
+        raise UserError(
+            f"--budget-ms: preset '{args.preset}' is not a budget search (use --preset "
+            "budget-search)"
+        )
     from analysis.tuning import write_tuning_report
+    from sweep.hpo import run_search
 
-    run_search(
-        load_preset(args.preset), args.run_dir, args.select, args.samples, args.out, args.address
-    )
+    run_search(preset, args.run_dir, args.select, args.samples, args.out, args.address)
     report = write_tuning_report(args.out)
     print(
         f"search results in {args.out.resolve()}: summary.json, <combination>/best.json, trials.csv"
     )
     print(f"report: {report}")
+    return 0
+
+
+def cmd_budget(args: argparse.Namespace, preset: dict) -> int:
+    from analysis.latency import default_threads
+    from sweep.budget import BudgetRequest, run_budget_search, settings_from
+    from sweep.hpo import parse_select
+
+    if args.budget_ms is None:
+        raise UserError("the budget search needs --budget-ms MS (batch-1 latency in milliseconds)")
+    settings = settings_from(
+        preset, args.budget_ms, args.runtime, args.threads or default_threads(), args.samples
+    )
+    request = BudgetRequest(
+        settings, args.run_dir, args.out, parse_select(args.select), args.address
+    )
+    results = run_budget_search(request)
+    chosen = results["chosen"]
+    print(
+        f"chosen: {chosen['trial_id']} ({chosen['arch']}, {chosen['pruner']}, sparsity "
+        f"{chosen['sparsity']:g}): validation mIoU {chosen['val_miou']:.4f}, test mIoU "
+        f"{chosen['test_miou']:.4f}, {chosen['artefact_latency_ms']:.2f} ms in "
+        f"{results['runtime']}; artefact {chosen['artefact']}"
+    )
     return 0

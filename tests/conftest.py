@@ -38,6 +38,7 @@ RAY_QUEUES = {
     "tests/sweep/test_sweep.py": "ray-local",
     "tests/sweep/test_hpo.py": "ray-local",
     "tests/sweep/test_cluster_sim.py": "ray-cluster",
+    "tests/sweep/test_budget.py": "ray-cluster",
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -123,6 +124,13 @@ class PruningConfig:
     exclude: tuple[str, ...] = ("segmentation_head",)
     mp_warmup_epochs: int = 20  # movement pruning: dense epochs at the start of the prune stage
     mp_cooldown_epochs: int = 10  # movement pruning: epochs at the target before fine-tuning
+    # Coupled granularity, scope layer: how hard each stage is pruned relative to the others, by
+    # stage name (`coupled.stage_of`: "encoder.stem", "encoder.layer1" ... "encoder.layer4",
+    # "decoder"; `coupled.model_stages` lists a model's). Each coupled group drops
+    # (its stage's ratio / the largest ratio) of the fraction a group of the largest ratio drops,
+    # scaled so that `sparsity` is still reached (as closely as the ratios allow); ratio 0: never
+    # pruned. Stages not named get ratio 1.0. None: every group drops the same fraction.
+    stage_ratios: dict[str, float] | None = field(default=None, hash=False)  # cfg stays hashable
     # Fine-tune the model cut slim (true: the pruned channels physically removed when fine-tuning
     # starts, so its epochs run faster) or full-size with the masks in force (false); auto (None):
     # slim for the granularities that can be cut (channel, coupled), masked for element.
@@ -261,6 +269,13 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"config key '{key}' must be a mapping, got {value!r}")
+        return {
+            _coerce(args[0], k, key): _coerce(args[1], v, f"{key}.{k}")
+            for k, v in _dotted(value, key).items()
+        }
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
@@ -288,6 +303,20 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             raise UserError(f"config key '{key}' must be a string, got {value!r}")
         return str(value)
     return value
+
+
+def _dotted(mapping: dict, key: str, prefix: str = "") -> dict:
+    """Nested mappings as one level of dotted keys: `--set pruning.stage_ratios.encoder.layer1=0`
+    splits a stage name at its dots, and this joins it again."""
+    out: dict = {}
+    for k, v in mapping.items():
+        name = f"{prefix}{k}"
+        flat = _dotted(v, key, f"{name}.") if isinstance(v, dict) else {name: v}
+        for n in flat:
+            if n in out:
+                raise UserError(f"config key '{key}' names {n!r} twice")
+        out |= flat
+    return out
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:
@@ -406,6 +435,7 @@ def validate(cfg: TrialConfig) -> None:
         f"false or auto with pruning.granularity {p.granularity!r} (single weights cannot be "
         f"cut out; only {' and '.join(STRUCTURED)} pruning fine-tunes slim)",
     )
+    _check_stage_ratios(p, cfg.pruned)
     if cfg.pruned:
         _check(p.sparsity > 0, "pruning.sparsity", p.sparsity, "above 0 when a pruner is set")
         _check(s.prune_epochs >= 1, "stages.prune_epochs", s.prune_epochs, "at least 1 to prune")
@@ -426,3 +456,30 @@ def validate(cfg: TrialConfig) -> None:
                 f"warm-up + cool-down ({p.mp_cooldown_epochs}) leaving at least one ramp epoch "
                 f"in stages.prune_epochs={s.prune_epochs}",
             )
+
+
+def _check_stage_ratios(p: PruningConfig, pruned: bool) -> None:
+    """Ratios are finite, 0 or more, one above 0; and need coupled layer pruning (a dense trial,
+    such as a sweep's base, ignores them)."""
+    if p.stage_ratios is None:
+        return
+    for name, ratio in p.stage_ratios.items():
+        _check(
+            math.isfinite(ratio) and ratio >= 0,
+            f"pruning.stage_ratios.{name}",
+            ratio,
+            "a finite number, 0 or more (0: the stage is never pruned)",
+        )
+    _check(
+        any(r > 0 for r in p.stage_ratios.values()),
+        "pruning.stage_ratios",
+        p.stage_ratios,
+        "at least one ratio above 0, or none (every coupled group pruned alike)",
+    )
+    _check(
+        not pruned or (p.granularity == "coupled" and p.scope == "layer"),
+        "pruning.stage_ratios",
+        p.stage_ratios,
+        f"none with pruning.granularity {p.granularity!r} and pruning.scope {p.scope!r}; "
+        "per-stage ratios need pruning.granularity 'coupled' and pruning.scope 'layer'",
+    )

@@ -41,6 +41,20 @@ from trainables.pruning.pruner import Pruner
 from trainables.pruning.surgery import Cut, channel_structure, load_slim, slim
 
 Reporter = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class TrialCallbacks:
+    """What a caller may do around a trial's loop (the budget search, sweep/budget.py).
+
+    `epoch`: a context manager each training epoch (train and validation) runs inside;
+    `after_cut`: called with the slim model once a structured-pruned trial has cut it, before
+    fine-tuning (its cost is known from here on; it may raise to stop the trial)."""
+
+    epoch: Callable[[], contextlib.AbstractContextManager] | None = None
+    after_cut: Callable[[torch.nn.Module], None] | None = None
+
+
 EXAMPLES = 4  # test images whose predictions are kept for the report
 
 
@@ -83,8 +97,10 @@ class Trial:
         *,
         finetune_only: bool = False,
         evaluate_test: bool = True,
+        callbacks: TrialCallbacks | None = None,
     ):
         self.cfg = cfg
+        self.callbacks = callbacks or TrialCallbacks()
         self.out = out
         self.ckpt_dir = out / "checkpoints"
         self.reporter = reporter
@@ -290,6 +306,8 @@ class Trial:
             # (slim, or full-size by a corroprune from before slim fine-tuning).
             if state is None and self.cfg.pruning.finetunes_slim:
                 self.cut_slim()
+                if self.callbacks.after_cut is not None:
+                    self.callbacks.after_cut(self.model)
         if self.pruner is not None and stage != "train":
             self.pruner.masks.apply()
         optimizer, scheduler = engine.build_optimizer(self.model, self.cfg.optim)
@@ -299,37 +317,8 @@ class Trial:
         hooks = self._hooks(stage)
         written_at = time.monotonic()  # a stage starts from a written (or no) checkpoint
         for epoch in range(pos.epoch + 1, epochs + 1):
-            t0 = time.perf_counter()
-            seed = epoch_seed(self.cfg.seed, pos.global_epoch + 1)
-            torch.manual_seed(seed)
-            self.train_loader.sampler.set_epoch(pos.global_epoch + 1)
-            desc = f"{stage} {epoch}/{epochs}"
-            train_loss = engine.train_one_epoch(
-                self.train_model,
-                self.train_loader,
-                self.loss_fn,
-                optimizer,
-                scheduler,
-                self.device,
-                hooks=hooks,
-                runtime=self.runtime,
-                desc=desc,
-            )
-            changed = False
-            if stage == "prune" and self.pruner is not None:
-                changed = self.pruner.end_of_epoch(epoch)
-            val = engine.evaluate(
-                self.model,
-                self.val_loader,
-                self.loss_fn,
-                self.num_classes,
-                self.device,
-                self.runtime,
-                desc=f"val {epoch}/{epochs}",
-            )
-            pos.epoch, pos.global_epoch = epoch, pos.global_epoch + 1
-            record = self._record(stage, epoch, pos, scheduler, train_loss, val, changed)
-            record["time_s"] = round(time.perf_counter() - t0, 4)
+            with self.callbacks.epoch() if self.callbacks.epoch else contextlib.nullcontext():
+                record = self._epoch(stage, epoch, epochs, pos, optimizer, scheduler, hooks)
             # The record first: a crash before the save drops it on resume (its epoch re-runs);
             # the other order could lose it for good.
             append_jsonl(self.out / "metrics.jsonl", record)
@@ -338,6 +327,50 @@ class Trial:
                 written_at = time.monotonic()
             if self.reporter is not None:
                 self.reporter(record)
+
+    def _epoch(
+        self,
+        stage: str,
+        epoch: int,
+        epochs: int,
+        pos: Position,
+        optimizer: Any,
+        scheduler: Any,
+        hooks: engine.StepHooks,
+    ) -> dict[str, Any]:
+        """One epoch of `stage`: train, update masks if due, validate; `pos` advanced."""
+        t0 = time.perf_counter()
+        seed = epoch_seed(self.cfg.seed, pos.global_epoch + 1)
+        torch.manual_seed(seed)
+        self.train_loader.sampler.set_epoch(pos.global_epoch + 1)
+        desc = f"{stage} {epoch}/{epochs}"
+        train_loss = engine.train_one_epoch(
+            self.train_model,
+            self.train_loader,
+            self.loss_fn,
+            optimizer,
+            scheduler,
+            self.device,
+            hooks=hooks,
+            runtime=self.runtime,
+            desc=desc,
+        )
+        changed = False
+        if stage == "prune" and self.pruner is not None:
+            changed = self.pruner.end_of_epoch(epoch)
+        val = engine.evaluate(
+            self.model,
+            self.val_loader,
+            self.loss_fn,
+            self.num_classes,
+            self.device,
+            self.runtime,
+            desc=f"val {epoch}/{epochs}",
+        )
+        pos.epoch, pos.global_epoch = epoch, pos.global_epoch + 1
+        record = self._record(stage, epoch, pos, scheduler, train_loss, val, changed)
+        record["time_s"] = round(time.perf_counter() - t0, 4)
+        return record
 
     def _hooks(self, stage: str) -> engine.StepHooks:
         if self.pruner is None or stage == "train":
@@ -512,12 +545,13 @@ def run_trial(
     meta: dict[str, Any] | None = None,
     finetune_only: bool = False,
     evaluate_test: bool = True,
+    callbacks: TrialCallbacks | None = None,
 ) -> dict[str, Any]:
     """Run (or resume, or return the stored result of) one trial in `out_dir`.
 
     `finetune_only`: start from a pruned checkpoint (`warm_start`, with masks) and run only the
     fine-tuning stage. `evaluate_test=False` keeps the test split untouched (searches choose on
-    validation only).
+    validation only). `callbacks`: see `TrialCallbacks`.
     """
     out = Path(out_dir).resolve()
     final = out / "final.json"
@@ -532,6 +566,12 @@ def run_trial(
         torch.set_num_threads(cfg.runtime.threads)
     warm = Path(warm_start).resolve() if warm_start else None
     trial = Trial(
-        cfg, out, warm, reporter, finetune_only=finetune_only, evaluate_test=evaluate_test
+        cfg,
+        out,
+        warm,
+        reporter,
+        finetune_only=finetune_only,
+        evaluate_test=evaluate_test,
+        callbacks=callbacks,
     )
     return trial.run()

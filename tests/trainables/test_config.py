@@ -72,7 +72,9 @@ def test_presets_load_and_paper_preset_states_the_paper() -> None:
 
 
 def test_unknown_preset_lists_shipped_ones() -> None:
-    with pytest.raises(UserError, match="shipped presets: demo, finetune-hpo, paper"):
+    with pytest.raises(
+        UserError, match="shipped presets: budget-search, demo, finetune-hpo, paper"
+    ):
         load_preset("nope")
 
 

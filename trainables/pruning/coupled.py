@@ -20,8 +20,9 @@ and only the kept ones are added back (`PrunedPABBlock`). Its internal channels 
 Sparsity means what `pruning.sparsity` means for element pruning: the fraction of prunable
 weights (conv and linear weights outside `exclude` that the forward pass uses) removed. Units are
 scored over every coupled slice, ranked (across groups, or within each group for the same
-fraction of every group), and the number dropped is searched so that the removed fraction,
-counted exactly (`WeightCounter`), is the closest to the target.
+fraction of every group, or a fraction in proportion to a weight per group: its stage's ratio,
+`stage_of`), and the number dropped is searched so that the removed fraction, counted exactly
+(`WeightCounter`), is the closest to the target.
 
 While training, pruned channels are masked (every slice zeroed), so shapes, optimizer state and
 checkpoints are unchanged; `slim` then cuts them out with Torch-Pruning and gives the same outputs.
@@ -31,8 +32,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import types
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -314,6 +316,53 @@ def group_parameters(model: nn.Module, groups: Sequence[CoupledGroup]) -> dict[s
     return {s.param: model.get_parameter(s.param) for g in groups for s in g.slices}
 
 
+# ---- stages -------------------------------------------------------------------------------------
+
+# A stage container in an encoder's module path: ResNet's `layer3` (smp's own encoders and timm's
+# `tu-` ones), timm's `stages.2` / `stages_2` (features_only flattens dots) and `blocks.2`.
+_STAGE = re.compile(r"(?:^|\.)(?:layer\d+|(?:stages|blocks)[._]\d+)(?=\.|$)")
+STEM = "encoder.stem"
+
+
+def stage_of(name: str) -> str:
+    """The stage of the module `name` (a coupled group's root): under `encoder`, its path up to
+    and including its stage container ("encoder.layer3", "encoder.model.layer2"), "encoder.stem"
+    outside any (the stem before the first stage); elsewhere its first component ("decoder")."""
+    first = name.split(".", 1)[0]
+    if first != "encoder":
+        return first
+    match = _STAGE.search(name, len(first))
+    return name[: match.end()] if match else STEM
+
+
+def stages(groups: Sequence[CoupledGroup]) -> list[str]:
+    """The stages of `groups`, in their order, each once."""
+    return list(dict.fromkeys(stage_of(g.name) for g in groups))
+
+
+def model_stages(
+    model: nn.Module, exclude: Sequence[str] = (), example_size: int = EXAMPLE_SIZE
+) -> list[str]:
+    """The stages of `model`'s prunable coupled groups, in module order (the encoder's stem and
+    stages, then the decoder; trace order varies with the architecture): the names
+    `pruning.stage_ratios` takes."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    groups = find_groups(model, exclude, example_size)
+    return stages(sorted(groups, key=lambda g: order[g.name]))
+
+
+def stage_weights(groups: Sequence[CoupledGroup], ratios: Mapping[str, float]) -> list[float]:
+    """Per group, its stage's ratio (1.0 for a stage `ratios` does not name): the `weights` of
+    `select_units`. ValueError for a name that is not one of the groups' stages."""
+    known = stages(groups)
+    unknown = [name for name in ratios if name not in known]
+    if unknown:
+        raise ValueError(
+            f"{', '.join(map(repr, unknown))} not among this model's stages: {', '.join(known)}"
+        )
+    return [float(ratios.get(stage_of(g.name), 1.0)) for g in groups]
+
+
 # ---- scores -------------------------------------------------------------------------------------
 
 
@@ -429,17 +478,29 @@ def _global_plan(ranked: list[torch.Tensor]) -> tuple[int, int, Callable[[int], 
     return dropped, len(entries), plan
 
 
-def _layer_plan(ranked: list[torch.Tensor]) -> tuple[int, int, Callable[[int], list]]:
-    """Drop the same fraction k / steps of every group's units (its lowest), at least the ones
-    already dropped, at most all but one."""
+def _layer_plan(
+    ranked: list[torch.Tensor], weights: Sequence[float] | None = None
+) -> tuple[int, int, Callable[[int], list]]:
+    """Drop the fraction (k / steps) * weight / max(weights) of every group's units (its lowest;
+    without weights, the same fraction of each), at least the ones already dropped, at most all
+    but one."""
     orders = [torch.argsort(r, stable=True) for r in ranked]
     already = [int(torch.isinf(r).sum()) for r in ranked]
     steps = max(len(r) for r in ranked)
+    if weights is None:
+        scales = [1.0] * len(ranked)
+    else:
+        finite = all(math.isfinite(w) and w >= 0 for w in weights)
+        if len(weights) != len(ranked) or not finite or max(weights) <= 0:
+            raise ValueError(
+                f"weights {list(weights)[:4]}...: one per group, finite, >= 0, one > 0"
+            )
+        scales = [w / max(weights) for w in weights]
 
     def plan(k: int) -> list[torch.Tensor]:
         keeps = []
-        for r, order, done in zip(ranked, orders, already, strict=True):
-            n = min(max(done, round(k * len(r) / steps)), len(r) - 1)
+        for r, order, done, scale in zip(ranked, orders, already, scales, strict=True):
+            n = min(max(done, round(k * len(r) * scale / steps)), len(r) - 1)
             keep = torch.ones(len(r), dtype=torch.bool)
             keep[order[:n]] = False
             keeps.append(keep)
@@ -454,15 +515,22 @@ def select_units(
     target: float,
     removed_fraction: Callable[[list[torch.Tensor]], float],
     scope: str = "global",
+    weights: Sequence[float] | None = None,
 ) -> list[torch.Tensor]:
     """New unit keeps (per group, (n_units,) bool) removing the fraction of weights closest to
     `target`, as `removed_fraction(unit keeps)` counts it.
 
     scope "global": one ranking of every group's units (scores normalised per group);
-    "layer": every group drops the same fraction of its units. Dropped units stay dropped
-    (masks only shrink) and every group keeps at least one unit."""
+    "layer": every group drops the same fraction of its units, or with `weights` (per group,
+    >= 0: `stage_weights`) a fraction in proportion to its weight (weight 0: none). Dropped
+    units stay dropped (masks only shrink) and every group keeps at least one unit."""
     ranked = [_ranked(s, k) for s, k in zip(scores, keeps, strict=True)]
-    lo, hi, plan = (_global_plan if scope == "global" else _layer_plan)(ranked)
+    if scope == "global":
+        if weights is not None:
+            raise ValueError("weights per group need scope 'layer'")
+        lo, hi, plan = _global_plan(ranked)
+    else:
+        lo, hi, plan = _layer_plan(ranked, weights)
     start = lo
     while lo < hi:  # the smallest k removing at least `target`: removal only grows with k
         mid = (lo + hi) // 2

@@ -113,8 +113,9 @@ class ChannelGranularity:
 
 class CoupledGranularity:
     """Coupled channel groups (`coupled.find_groups`): whole units of every group, ranked
-    globally (scope 'global') or the same fraction of each group (scope 'layer'), to remove the
-    target fraction of prunable weights (the conv and linear weights element pruning ranks)."""
+    globally (scope 'global') or the same fraction of each group (scope 'layer'; with
+    `stage_ratios`, a fraction in proportion to its stage's ratio), to remove the target
+    fraction of prunable weights (the conv and linear weights element pruning ranks)."""
 
     def __init__(self, cfg: PruningConfig, model: nn.Module) -> None:
         self.scope = cfg.scope
@@ -129,6 +130,7 @@ class CoupledGranularity:
         self.device = next(iter(self.masks.params.values())).device
         self.groups = [g.to(self.device) for g in groups]
         self.counter = coupled.WeightCounter(groups, coupled.counted_weights(graph, cfg.exclude))
+        self.weights = None if cfg.stage_ratios is None else _stage_weights(groups, cfg)
 
     def fresh_scores(self) -> dict[str, torch.Tensor]:
         return {g.name: torch.zeros(g.channels, device=self.device) for g in self.groups}
@@ -157,7 +159,7 @@ class CoupledGranularity:
     def new_masks(self, ranking: dict[str, torch.Tensor], target: float) -> dict[str, torch.Tensor]:
         scores = coupled.unit_scores(self.groups, [ranking[g.name] for g in self.groups])
         units = coupled.unit_keeps(self.groups, self._keeps())
-        new = coupled.select_units(scores, units, target, self._removed, self.scope)
+        new = coupled.select_units(scores, units, target, self._removed, self.scope, self.weights)
         return coupled.param_masks(
             self.masks.params, self.groups, coupled.channel_keeps(self.groups, new)
         )
@@ -174,6 +176,16 @@ class CoupledGranularity:
     def achieved_sparsity(self) -> float:
         """Fraction of prunable weights removed (masked now, cut out by `coupled.slim`)."""
         return self.counter.removed_fraction(self._keeps())
+
+
+def _stage_weights(groups: list[coupled.CoupledGroup], cfg: PruningConfig) -> list[float]:
+    """`cfg.stage_ratios` as one weight per group; a stage the model lacks is the user's error."""
+    if cfg.scope != "layer":
+        raise UserError(f"pruning.stage_ratios need pruning.scope 'layer', not {cfg.scope!r}")
+    try:
+        return coupled.stage_weights(groups, cfg.stage_ratios)
+    except ValueError as err:
+        raise UserError(f"pruning.stage_ratios: {err}") from None
 
 
 STRATEGIES: dict[str, type] = {
