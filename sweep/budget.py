@@ -353,6 +353,7 @@ def run_budget_search(request: BudgetRequest) -> dict[str, Any]:
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
+    from deploy.timing import TimingSetup
     from sweep.budget_sampler import BudgetSampler
     from sweep.tune import _init_ray, cluster_gpus_per_trial, trial_environment
     from trainables.provenance import code_version
@@ -370,6 +371,10 @@ def run_budget_search(request: BudgetRequest) -> dict[str, Any]:
     pruners = search_pruners(settings, trials)
     _init_ray(request.address)
     gpus = cluster_gpus_per_trial(settings.gpus_per_trial, request.address)
+    # The sweep's own models first, while nothing else runs: the comparison, and what the
+    # search knows before its first proposal.
+    setup = TimingSetup(settings.runtime, size, settings.threads, settings.repeats)
+    baselines = time_baselines(trials, setup, out)
     room = quiet_room(room_name(out))
     fixed = {
         "bases": {
@@ -412,13 +417,18 @@ def run_budget_search(request: BudgetRequest) -> dict[str, Any]:
             n_startup_trials=min(settings.startup_trials, settings.samples),
             multivariate=True,
         )
+        study = prior_study(settings, sampler, baselines, sorted(models), pruners, stages)
         tuner = tune.Tuner(
             trainable,
             param_space=space,
             tune_config=tune.TuneConfig(
                 num_samples=settings.samples,
                 search_alg=OptunaSearch(
-                    metric=["val_miou", "latency_ms"], mode=["max", "min"], sampler=sampler
+                    metric=["val_miou", "latency_ms"],
+                    mode=["max", "min"],
+                    sampler=sampler,
+                    storage=study._storage,  # Ray loads the study with the sweep's results in it
+                    study_name=study.study_name,
                 ),
                 max_concurrent_trials=settings.max_concurrent or None,
                 reuse_actors=True,
@@ -433,7 +443,56 @@ def run_budget_search(request: BudgetRequest) -> dict[str, Any]:
     grid = tuner.fit()
     del room  # the actor goes with the driver's handle
     rows = search_rows(grid)
-    return finish(request, rows, trials, size)
+    return finish(request, rows, baselines, setup)
+
+
+def prior_study(
+    settings: BudgetSettings,
+    sampler: Any,
+    baselines: list[dict[str, Any]],
+    archs: list[str],
+    pruners: tuple[str, ...],
+    stages: list[str],
+) -> Any:
+    """An Optuna study holding the sweep's uniform-ratio coupled trials as finished trials of the
+    search space (every stage at the same ratio; their validation mIoU and measured latency), so
+    TPE models the results the sweep already paid for before its first proposal."""
+    import optuna
+
+    from sweep.budget_sampler import CONSTRAINT
+
+    distributions = {
+        "arch": optuna.distributions.CategoricalDistribution(archs),
+        "pruner": optuna.distributions.CategoricalDistribution(list(pruners)),
+        "sparsity": optuna.distributions.FloatDistribution(*settings.sparsity),
+        **{
+            RATIO + s: optuna.distributions.FloatDistribution(*settings.stage_ratio) for s in stages
+        },
+    }
+    study = optuna.create_study(
+        storage=optuna.storages.InMemoryStorage(),
+        study_name="budget-search",
+        directions=["maximize", "minimize"],
+        sampler=sampler,
+    )
+    low, high = settings.sparsity
+    for b in baselines:
+        uniform = b["granularity"] == "coupled" and b["scope"] == "layer" and not b.get("ratios")
+        known = b["arch"] in archs and b["pruner"] in pruners and low <= b["sparsity"] <= high
+        if not (uniform and known and b["val_miou"] is not None):
+            continue
+        params = {"arch": b["arch"], "pruner": b["pruner"], "sparsity": b["sparsity"]}
+        params.update({RATIO + s: settings.stage_ratio[1] for s in stages})
+        study.add_trial(
+            optuna.trial.create_trial(
+                values=[b["val_miou"], b["latency_ms"]],
+                params=params,
+                distributions=distributions,
+                system_attrs={CONSTRAINT: b["latency_ms"] - settings.budget_ms},
+                user_attrs={"sweep_trial": b["trial"]},
+            )
+        )
+    return study
 
 
 # ---- results ------------------------------------------------------------------------------------
@@ -537,6 +596,7 @@ def time_baselines(
                 "sparsity": who.sparsity,
                 "granularity": None if who.is_dense else who.granularity,
                 "scope": raw.get("pruning", {}).get("scope"),
+                "ratios": raw.get("pruning", {}).get("stage_ratios"),
                 "val_miou": _last_val_miou(trial),
                 "test_miou": _number(summary.get("test_miou")),
                 **timed[key],
@@ -599,18 +659,16 @@ def _fastest(rows: list[dict], baselines: list[dict]) -> dict[str, Any] | None:
 
 
 def finish(
-    request: BudgetRequest, rows: list[dict[str, Any]], trials: list, size: tuple[int, int]
+    request: BudgetRequest, rows: list[dict[str, Any]], baselines: list[dict[str, Any]], setup: Any
 ) -> dict[str, Any]:
     """Write results.json and report.html; a budget nothing met is a UserError naming the
     fastest model found (after both are written)."""
     from analysis.budget import write_budget_report
-    from deploy.timing import TimingSetup
 
     settings, out = request.settings, request.out.resolve()
-    setup = TimingSetup(settings.runtime, size, settings.threads, settings.repeats)
+    size = setup.size
     budget = settings.budget_ms
     mark_front(rows, budget)
-    baselines = time_baselines(trials, setup, out)
     mark_front(baselines, budget)
     best = _best(rows)
     results = {

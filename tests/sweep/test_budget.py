@@ -212,16 +212,49 @@ def test_budget_search_end_to_end(
         run_budget_search(other)
 
     # A budget nothing meets: the results are written, and the error names the fastest model.
-    tight = BudgetRequest(
-        settings_from(PRESET, 1e-6, "onnx", 1, None), finished_sweep, tmp_path / "t", {}
-    )
-    trials = sweep_trials(finished_sweep, {})
-    rows = [
-        {k: v for k, v in r.items() if k not in ("within_budget", "pareto")}
-        for r in results["trials"]
-    ]
-    with pytest.raises(
-        UserError, match="no searched model runs under 1e-06 ms .* the fastest model found is"
-    ):
-        finish(tight, rows, trials, (64, 64))
+    from deploy.timing import TimingSetup
+
+    tight = settings_from(PRESET, 1e-6, "onnx", 1, None)
+    request = BudgetRequest(tight, finished_sweep, tmp_path / "t", {})
+    with pytest.raises(UserError, match="no searched model runs under 1e-06 ms .* fastest model"):
+        finish(
+            request, results["trials"], results["baselines"], TimingSetup("onnx", (64, 64), 1, 3)
+        )
     assert json.loads((tmp_path / "t" / "results.json").read_text())["chosen"] is None
+
+
+def test_the_search_starts_knowing_the_sweeps_uniform_trials() -> None:
+    from ray.tune.search.optuna import OptunaSearch
+
+    from sweep.budget import prior_study, search_space
+    from sweep.budget_sampler import CONSTRAINT, BudgetSampler
+
+    settings = settings_from(PRESET, 20.0, "onnx", 1, None)
+    row = {"arch": "fpn", "pruner": "agp", "val_miou": 0.5, "latency_ms": 30.0, "trial": "t"}
+    baselines = [
+        {**row, "sparsity": 0.5, "granularity": "coupled", "scope": "layer"},
+        {**row, "sparsity": 0.5, "granularity": "element", "scope": "layer"},  # not in the space
+        {**row, "sparsity": 0.9, "granularity": "coupled", "scope": "layer"},  # out of its range
+    ]
+    stages = ["decoder", "encoder.stem"]
+    sampler = BudgetSampler(20.0, seed=0)
+    study = prior_study(settings, sampler, baselines, ["fpn"], ("agp",), stages)
+    search = OptunaSearch(
+        metric=["val_miou", "latency_ms"],
+        mode=["max", "min"],
+        sampler=sampler,
+        storage=study._storage,
+        study_name=study.study_name,
+    )
+    space = search_space(settings, ["fpn"], ("agp",), stages)
+    assert search.set_search_properties(None, None, {"search": {}, **space})
+    (known,) = search._ot_study.trials  # Ray's study is the one holding the sweep's trial
+    assert known.values == [0.5, 30.0] and known.system_attrs[CONSTRAINT] == 10.0
+    assert known.params == {
+        "arch": "fpn",
+        "pruner": "agp",
+        "sparsity": 0.5,
+        "ratio_decoder": 1.0,
+        "ratio_encoder.stem": 1.0,
+    }
+    assert isinstance(search.suggest("trial-1"), dict)  # proposals go on from there
