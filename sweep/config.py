@@ -12,6 +12,8 @@ from trainables.config import TrialConfig, merge
 from trainables.errors import UserError
 
 PRESET_DIR = resources.files("sweep") / "presets"
+# trial config, sweep settings, the fine-tuning search's and the budget search's own settings
+SECTIONS = ("trial", "sweep", "search", "budget")
 
 
 def preset_names() -> list[str]:
@@ -39,10 +41,11 @@ def load_preset(name: str) -> dict[str, Any]:
         raise UserError(f"preset '{name}' is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise UserError(f"preset '{name}' must be a mapping with keys 'trial' and 'sweep'")
-    unknown = sorted(set(raw) - {"trial", "sweep", "search"})
+    unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise UserError(
-            f"unknown top-level key '{unknown[0]}' in preset '{name}'; allowed: trial, sweep, search"
+            f"unknown top-level key '{unknown[0]}' in preset '{name}'; allowed: "
+            f"{', '.join(SECTIONS)}"
         )
     return raw
 

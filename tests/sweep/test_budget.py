@@ -258,3 +258,20 @@ def test_the_search_starts_knowing_the_sweeps_uniform_trials() -> None:
         "ratio_encoder.stem": 1.0,
     }
     assert isinstance(search.suggest("trial-1"), dict)  # proposals go on from there
+
+
+def test_the_command_checks_its_flags_before_starting_anything(
+    finished_sweep: Path, tmp_path: Path, capsys
+) -> None:
+    base = ["tune", "--preset", "budget-search", "--from", str(finished_sweep)]
+    out = ["--out", str(tmp_path / "s")]
+    assert main([*base, *out]) == 2
+    assert "needs --budget-ms MS" in capsys.readouterr().err
+    assert main([*base, *out, "--budget-ms", "5", "--runtime", "tflite"]) == 2
+    assert "--runtime tflite: one of onnx, onnx-int8, torch" in capsys.readouterr().err
+    assert main([*base, *out, "--budget-ms", "5", "--select", "model=unet"]) == 2
+    assert "no finished dense trial" in capsys.readouterr().err
+    finetune = ["tune", "--from", str(finished_sweep), *out, "--budget-ms", "5"]
+    assert main(finetune) == 2
+    assert "is not a budget search" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

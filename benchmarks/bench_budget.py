@@ -1,0 +1,238 @@
+"""The budget search against the sweep it starts from: is its model more accurate under the budget?
+
+    python benchmarks/bench_budget.py --out runs/budget [--seeds 0,1,2] [--arch fpn]
+        [--encoder resnet18] [--size 128] [--train-images 48] [--test-images 16]
+        [--train-epochs 12] [--prune-epochs 4] [--finetune-epochs 4]
+        [--sparsities 0.3,0.5,0.7,0.8,0.9,0.95] [--samples 6] [--budget-fraction 0.4]
+        [--runtime onnx] [--threads 1] [--repeats 10] [--max-concurrent 2]
+
+Per seed, in `--out`/seed<S>/, with the commands users run (`corroprune sweep`, then `corroprune
+tune --preset budget-search`), on the built-in synthetic set:
+
+1. a plain sweep: one dense model, then one uniform-ratio coupled AGP trial per `--sparsities`
+   value (every coupled group loses the same fraction of its channels; the sweep's layer scope);
+2. the budget: `--budget-fraction` of the dense model's latency, measured once here (batch 1, the
+   test images' size, `--runtime` with `--threads`), with nothing else running;
+3. the budget search from that sweep with as many configurations (`--samples`) as the sweep had
+   pruned trials, each fine-tuned for the same epochs (a configuration over budget stops before
+   fine-tuning), so its fine-tuning epochs are at most the sweep's.
+
+Compared: the search's chosen model (best validation mIoU under the budget) against the sweep's
+best uniform-ratio model under the same budget (chosen the same way, on validation), both on the
+test split, with their latencies as the search measured them. Writes `--out`/results.json and
+prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--arch", default="fpn")
+    p.add_argument("--encoder", default="resnet18")
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--train-images", type=int, default=48)
+    p.add_argument("--test-images", type=int, default=16)
+    p.add_argument("--train-epochs", type=int, default=12)
+    p.add_argument("--prune-epochs", type=int, default=4)
+    p.add_argument("--finetune-epochs", type=int, default=4)
+    p.add_argument("--sparsities", default="0.3,0.5,0.7,0.8,0.9,0.95")
+    p.add_argument("--samples", type=int, help="search configurations (default: one per sparsity)")
+    p.add_argument("--budget-fraction", type=float, default=0.4)
+    p.add_argument("--runtime", default="onnx")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--max-concurrent", type=int, default=2)
+    return p.parse_args(argv)
+
+
+def sweep_preset(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    half_cycle = max(1, args.prune_epochs * args.train_images // 8 // 2)  # prune stage: 1 cycle
+    return {
+        "trial": {
+            "seed": seed,
+            "data": {
+                "dataset": "synthetic",
+                "crop_size": args.size,
+                "synthetic": {
+                    "train": args.train_images,
+                    "test": args.test_images,
+                    "size": args.size,
+                    "classes": 4,
+                    "seed": 0,
+                },
+            },
+            "model": {"arch": args.arch, "encoder": args.encoder, "encoder_weights": None},
+            "loss": {"alpha": 0.3, "beta": 0.7, "ce_weight": 0.5},
+            "optim": {"batch_size": 8, "max_lr": 0.05, "half_cycle_iters": half_cycle},
+            "stages": {
+                "train_epochs": args.train_epochs,
+                "prune_epochs": args.prune_epochs,
+                "finetune_epochs": args.finetune_epochs,
+            },
+            "pruning": {"steps": args.prune_epochs},
+            "runtime": {"device": "cpu", "latency_repeats": 0},
+        },
+        "sweep": {
+            "datasets": ["synthetic"],
+            "models": [args.arch],
+            "pruners": ["agp"],
+            "granularities": ["coupled"],
+            "sparsities": [float(s) for s in args.sparsities.split(",")],
+            "cpus_per_trial": 1,
+            "gpus_per_trial": 0,
+            "max_concurrent": args.max_concurrent,
+        },
+    }
+
+
+def budget_preset(args: argparse.Namespace, samples: int) -> dict[str, Any]:
+    return {
+        "budget": {
+            "samples": samples,
+            "seed": 0,
+            "repeats": args.repeats,
+            "startup_trials": max(2, samples // 2),
+            "pruners": ["agp"],
+            "sparsity": {"low": 0.3, "high": 0.95},
+        },
+        "sweep": {"cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent": args.max_concurrent},
+    }
+
+
+def corroprune(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "sweep.cli", *argv]
+    print("$ corroprune " + " ".join(argv), flush=True)
+    return subprocess.run(cmd, env=env, text=True, capture_output=True)
+
+
+def dense_latency(run: Path, args: argparse.Namespace) -> float:
+    """The sweep's dense model, timed as the search times every model."""
+    from deploy.artefacts import load_artefact
+    from deploy.timing import TimingSetup, prepare, time_prepared
+
+    final = next((run / "trials").glob("*-dense-seed*")) / "checkpoints" / "final.pt"
+    source = load_artefact(final)
+    setup = TimingSetup(args.runtime, (args.size, args.size), args.threads, args.repeats)
+    runner = prepare(source.model, source.cfg, setup, run / "dense-timing")
+    return time_prepared(runner, setup)["latency_ms"]
+
+
+def finetune_epochs(trial_dirs: list[Path]) -> int:
+    from trainables.checkpoint import read_jsonl
+
+    return sum(
+        sum(1 for r in read_jsonl(d / "metrics.jsonl") if r.get("stage") == "finetune")
+        for d in trial_dirs
+    )
+
+
+def one_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    folder = (args.out / f"seed{seed}").resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    sweep_yaml, budget_yaml = folder / "sweep-preset.yaml", folder / "budget-preset.yaml"
+    sweep_yaml.write_text(yaml.safe_dump(sweep_preset(args, seed)))
+    samples = args.samples or len(args.sparsities.split(","))
+    budget_yaml.write_text(yaml.safe_dump(budget_preset(args, samples)))
+    run, search = folder / "sweep", folder / "search"
+    started = time.perf_counter()
+    done = corroprune("sweep", "--preset", str(sweep_yaml), "--out", str(run))
+    if done.returncode != 0:
+        raise SystemExit(f"the sweep failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    sweep_s = time.perf_counter() - started
+    budget = round(args.budget_fraction * dense_latency(run, args), 3)
+    started = time.perf_counter()
+    done = corroprune(
+        *("tune", "--preset", str(budget_yaml), "--from", str(run), "--out", str(search)),
+        *("--budget-ms", str(budget), "--runtime", args.runtime, "--threads", str(args.threads)),
+    )
+    search_s = time.perf_counter() - started
+    print(done.stdout[-1500:], done.stderr[-1500:], flush=True)
+    results = json.loads((search / "results.json").read_text())
+    chosen, base = results["chosen"], results["best_baseline_within_budget"]
+    pruned = [d for d in (run / "trials").iterdir() if "-dense-" not in d.name]
+    return {
+        "seed": seed,
+        "budget_ms": budget,
+        "chosen": chosen,
+        "best_uniform": base,
+        "delta_test_miou": (chosen["test_miou"] - base["test_miou"] if chosen and base else None),
+        "search_statuses": [t["status"] for t in results["trials"]],
+        "finetune_epochs": {
+            "sweep": finetune_epochs(pruned),
+            "search": finetune_epochs([Path(t["out_dir"]) for t in results["trials"]]),
+        },
+        "sweep_s": round(sweep_s, 1),
+        "search_s": round(search_s, 1),
+        "search_exit": done.returncode,
+    }
+
+
+def table(rows: list[dict[str, Any]], runtime: str) -> str:
+    lines = [
+        f"| seed | budget ms ({runtime}) | search: test mIoU / ms / sparsity | best uniform under "
+        "budget: test mIoU / ms / sparsity | Δ test mIoU | fine-tune epochs search / sweep |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def side(r: dict[str, Any] | None) -> str:
+        if r is None:
+            return "none under budget"
+        return f"{r['test_miou']:.3f} / {r['latency_ms']:.1f} / {r['sparsity']:.2f}"
+
+    for row in rows:
+        delta = row["delta_test_miou"]
+        lines.append(
+            f"| {row['seed']} | {row['budget_ms']:.1f} | {side(row['chosen'])} | "
+            f"{side(row['best_uniform'])} | {'n/a' if delta is None else f'{delta:+.3f}'} | "
+            f"{row['finetune_epochs']['search']} / {row['finetune_epochs']['sweep']} |"
+        )
+    deltas = [r["delta_test_miou"] for r in rows if r["delta_test_miou"] is not None]
+    if len(deltas) > 1:
+        lines.append(
+            f"\nΔ test mIoU over {len(deltas)} seeds: mean {statistics.mean(deltas):+.3f}, "
+            f"sd {statistics.stdev(deltas):.3f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    from trainables.cost import cpu_name
+
+    rows = [one_seed(args, int(s)) for s in args.seeds.split(",")]
+    record = {
+        "command": " ".join(sys.argv),
+        "cpu": cpu_name(),
+        "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "seeds": rows,
+    }
+    (args.out / "results.json").write_text(json.dumps(record, indent=2))
+    print(table(rows, args.runtime))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
