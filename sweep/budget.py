@@ -57,7 +57,8 @@ class BudgetSettings:
     quiet_timeout_s: float = 600.0
     pruners: tuple[str, ...] = ()  # () -> the sweep's own pruners that prune coupled channels
     sparsity: tuple[float, float] = (0.3, 0.95)
-    stage_ratio: tuple[float, float] = (0.0, 1.0)
+    # relative channel ratios per stage; the sweep's uniform trials sit at the middle
+    stage_ratio: tuple[float, float] = (0.25, 1.75)
     trial: dict[str, Any] = field(default_factory=dict)  # trial-config overrides
     cpus_per_trial: float = 1
     gpus_per_trial: float = 0
@@ -124,12 +125,16 @@ def settings_from(
         quiet_timeout_s=float(raw.get("quiet_timeout_s", 600)),
         pruners=pruners,
         sparsity=_pair(raw.get("sparsity", {"low": 0.3, "high": 0.95}), "sparsity", 0.0, 0.99),
-        stage_ratio=_pair(raw.get("stage_ratio", {"low": 0.0, "high": 1.0}), "stage_ratio", 0, 1),
+        stage_ratio=_pair(
+            raw.get("stage_ratio", {"low": 0.25, "high": 1.75}), "stage_ratio", 0.0, 100.0
+        ),
         trial=dict(preset.get("trial") or {}),
         cpus_per_trial=float(sweep.get("cpus_per_trial", 1)),
         gpus_per_trial=float(sweep.get("gpus_per_trial", 0)),
         max_concurrent=int(sweep.get("max_concurrent", 0)),
     )
+    if out.stage_ratio[1] <= 0:
+        raise UserError("budget.stage_ratio: high above 0 (a stage at 0 keeps every channel)")
     if out.samples < 1 or out.repeats < 1 or out.over_budget_margin < 0:
         raise UserError("budget: samples and repeats at least 1, over_budget_margin 0 or more")
     return out
@@ -455,8 +460,9 @@ def prior_study(
     stages: list[str],
 ) -> Any:
     """An Optuna study holding the sweep's uniform-ratio coupled trials as finished trials of the
-    search space (every stage at the same ratio; their validation mIoU and measured latency), so
-    TPE models the results the sweep already paid for before its first proposal."""
+    search space (every stage at the same ratio, the middle of `stage_ratio`; their validation
+    mIoU and measured latency), so TPE models the results the sweep already paid for before its
+    first proposal, and proposes around the best of them."""
     import optuna
 
     from sweep.budget_sampler import CONSTRAINT
@@ -482,7 +488,7 @@ def prior_study(
         if not (uniform and known and b["val_miou"] is not None):
             continue
         params = {"arch": b["arch"], "pruner": b["pruner"], "sparsity": b["sparsity"]}
-        params.update({RATIO + s: settings.stage_ratio[1] for s in stages})
+        params.update({RATIO + s: sum(settings.stage_ratio) / 2 for s in stages})  # uniform
         study.add_trial(
             optuna.trial.create_trial(
                 values=[b["val_miou"], b["latency_ms"]],

@@ -15,11 +15,13 @@ import pytest
 import yaml
 
 from analysis.report import build_report
-from sweep.grid import SweepConfig
+from sweep.grid import SweepConfig, expand
 from sweep.tune import SweepRequest, run_sweep
 from tests.conftest import tiny_config
 from trainables.checkpoint import read_jsonl
+from trainables.config import TrialConfig
 from trainables.provenance import code_version
+from trainables.trial import run_trial
 
 TINY_SWEEP = {
     "datasets": ["synthetic"],
@@ -129,12 +131,15 @@ def test_killed_driver_rerun_with_other_resources_finishes_the_rest(
     local_ray, tmp_path: Path
 ) -> None:
     """The driver dies, the cluster stays (as on a cluster's head): the command again finishes
-    the rest."""
+    the rest. The dense base is trained beforehand, here, as a finished stage 1 (the driver
+    killed in stage 2 is what is tested; stage 1 runs end to end in the test above)."""
     address = local_ray.get_runtime_context().gcs_address
     preset = tmp_path / "tiny.yaml"
     sweep = {**TINY_SWEEP, "models": ["linknet"], "gpus_per_trial": 0}
     preset.write_text(yaml.safe_dump({"trial": _template(), "sweep": sweep}))
     out = tmp_path / "run"
+    (dense,), _ = expand(SweepConfig.from_dict(sweep), _template(), out, {})
+    run_trial(TrialConfig.from_dict(dense.config), Path(dense.out_dir))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     driver = subprocess.Popen(
         _sweep_cmd(preset, out, address),
