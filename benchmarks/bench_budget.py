@@ -4,7 +4,7 @@
         [--encoder resnet18] [--size 128] [--train-images 48] [--test-images 16]
         [--train-epochs 12] [--prune-epochs 4] [--finetune-epochs 4]
         [--sparsities 0.3,0.5,0.7,0.8,0.9,0.95] [--samples 6] [--budget-fraction 0.4]
-        [--runtime onnx] [--threads 1] [--repeats 10] [--max-concurrent 2]
+        [--runtime onnx] [--threads 1] [--repeats 20] [--max-concurrent 2]
 
 Per seed, in `--out`/seed<S>/, with the commands users run (`corroprune sweep`, then `corroprune
 tune --preset budget-search`), on the built-in synthetic set:
@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-fraction", type=float, default=0.4)
     p.add_argument("--runtime", default="onnx")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--max-concurrent", type=int, default=2)
     return p.parse_args(argv)
 

@@ -33,7 +33,7 @@ class TimingSetup:
     size: tuple[int, int]  # (H, W) of the input, batch 1
     threads: int
     repeats: int
-    warmup: int = 3
+    warmup: int = 5
 
     def as_record(self) -> dict[str, Any]:
         return {

@@ -374,12 +374,12 @@ def run_budget_search(request: BudgetRequest) -> dict[str, Any]:
     _check_settings(out, settings, run_dir)
     stages = sorted({s for b in models.values() for s in b.stages})
     pruners = search_pruners(settings, trials)
-    _init_ray(request.address)
-    gpus = cluster_gpus_per_trial(settings.gpus_per_trial, request.address)
-    # The sweep's own models first, while nothing else runs: the comparison, and what the
-    # search knows before its first proposal.
+    # The sweep's own models first, while nothing else runs (not even a starting Ray): the
+    # comparison, and what the search knows before its first proposal.
     setup = TimingSetup(settings.runtime, size, settings.threads, settings.repeats)
     baselines = time_baselines(trials, setup, out)
+    _init_ray(request.address)
+    gpus = cluster_gpus_per_trial(settings.gpus_per_trial, request.address)
     room = quiet_room(room_name(out))
     fixed = {
         "bases": {
