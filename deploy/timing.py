@@ -8,6 +8,7 @@ off the CPU for the timing alone (the budget search's quiet room, sweep/budget.p
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,8 +33,9 @@ class TimingSetup:
     runtime: str  # one of RUNTIMES
     size: tuple[int, int]  # (H, W) of the input, batch 1
     threads: int
-    repeats: int
+    repeats: int  # at least this many timed runs ...
     warmup: int = 5
+    min_time_s: float = 1.0  # ... and as many more as fill this long (small models: noise)
 
     def as_record(self) -> dict[str, Any]:
         return {
@@ -79,16 +81,20 @@ def prepare(model: nn.Module, cfg: TrialConfig, setup: TimingSetup, folder: Path
 
 
 def time_prepared(runner: Any, setup: TimingSetup) -> dict[str, float]:
-    """Median and 90th percentile of `setup.repeats` batch-1 runs, in ms."""
+    """Median and 90th percentile of batch-1 runs in ms: `setup.repeats` of them, or as many as
+    fill `setup.min_time_s` (at most 2,000), after `setup.warmup` untimed ones."""
     h, w = setup.size
     x: Any = np.random.default_rng(0).standard_normal((1, 3, h, w), np.float32)  # (1, 3, H, W)
     if isinstance(runner, nn.Module):
         x = torch.from_numpy(x)
     with torch_threads(setup.threads):
-        times = latency_ms(runner, x, max(setup.repeats, 1), setup.warmup)
+        probe = latency_ms(runner, x, 1, setup.warmup)[0] / 1000  # s, warmed up
+        runs = min(max(setup.repeats, 1, math.ceil(setup.min_time_s / max(probe, 1e-6))), 2000)
+        times = latency_ms(runner, x, runs, warmup=0)
     return {
         "latency_ms": round(statistics.median(times), 4),
         "latency_p90_ms": round(times[min(len(times) - 1, int(0.9 * len(times)))], 4),
+        "timed_runs": runs,
     }
 
 
