@@ -161,7 +161,10 @@ def _trials(run_dir: Path) -> list[tuple[Path, identity.TrialId, dict[str, Any]]
     for trial in sorted(trials_dir.iterdir()):
         if not ((trial / "final.json").exists() and (trial / "config.yaml").exists()):
             continue
-        cfg = yaml.safe_load((trial / "config.yaml").read_text())
+        try:
+            cfg = yaml.safe_load((trial / "config.yaml").read_text())
+        except yaml.YAMLError as err:
+            raise UserError(f"{trial / 'config.yaml'} is not valid YAML: {err}") from None
         who = identity.trial_id(trial.name, cfg)
         if who is not None:
             found.append((trial, who, cfg))

@@ -143,7 +143,7 @@ def test_a_configuration_over_budget_stops_before_fine_tuning(
 # ---- settings and results, Ray aside ------------------------------------------------------------
 
 
-def test_settings_and_selection_are_checked(finished_sweep: Path) -> None:
+def test_settings_and_selection_are_checked(finished_sweep: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no 'budget' section"):
         settings_from({}, 10, "onnx", 1, None)
     with pytest.raises(UserError, match="--runtime tensorrt: one of onnx, onnx-int8, torch"):
@@ -156,6 +156,12 @@ def test_settings_and_selection_are_checked(finished_sweep: Path) -> None:
         settings_from({"budget": {"pruners": ["none"]}}, 10, "onnx", 1, None)
     with pytest.raises(UserError, match="no finished dense trial .* matches"):
         sweep_trials(finished_sweep, {"model": "unet"})
+    broken = tmp_path / "trials" / "synthetic-fpn-dense-seed0"
+    broken.mkdir(parents=True)
+    (broken / "final.json").write_text("{}")
+    (broken / "config.yaml").write_text("seed: [0")
+    with pytest.raises(UserError, match="synthetic-fpn-dense-seed0/config.yaml is not valid YAML"):
+        sweep_trials(tmp_path, {})
 
 
 def test_the_front_is_what_nothing_beats() -> None:

@@ -136,6 +136,7 @@ def autoscaling_cluster(tmp_path: Path):
     """A head advertising cluster.yaml's head resources (0 CPUs), GPU workers scaled from zero.
     On a port of its own, and only its own processes stopped after: another test worker's local
     Ray runs beside it undisturbed."""
+    ray.shutdown()  # a local Ray an earlier test in this process started (`local_ray`)
     port = _free_port()
     address = f"{ray.util.get_node_ip_address()}:{port}"
     config = simulated_config(yaml.safe_load(CLUSTER.read_text()), address)
@@ -228,6 +229,7 @@ def two_gpu_nodes():
         "health_check_period_ms": 200,
         "health_check_failure_threshold": 3,
     }
+    ray.shutdown()  # a local Ray an earlier test in this process started (`local_ray`)
     cluster = Cluster(
         initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": health}
     )
