@@ -352,39 +352,14 @@ def _check_settings(out: Path, settings: BudgetSettings, run_dir: Path) -> None:
         write_json(path, wanted)
 
 
-def run_budget_search(request: BudgetRequest) -> dict[str, Any]:
-    """The search (resumed if SEARCH_DIR holds one), then the results: every configuration, the
-    Pareto front, the sweep's trials timed alike, and the chosen model exported and tested."""
-    import warnings
-
-    import optuna
-    from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
-
-    from deploy.timing import TimingSetup
-    from sweep.budget_sampler import BudgetSampler
-    from sweep.tune import _init_ray, cluster_gpus_per_trial, trial_environment
+def trial_settings(
+    models: dict[str, Base], out: Path, settings: BudgetSettings, size: tuple[int, int]
+) -> dict[str, Any]:
+    """What every search trial gets besides its proposal (`search` in its Tune config)."""
+    from sweep.tune import trial_environment
     from trainables.provenance import code_version
-    from trainables.ray_entry import budget_trial
 
-    settings, out = request.settings, request.out.resolve()
-    run_dir = request.run_dir.resolve()
-    trials = sweep_trials(run_dir, request.select)
-    models = bases(trials, settings.trial)
-    first = next(iter(models.values()))
-    size = test_size(first.config)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_settings(out, settings, run_dir)
-    stages = sorted({s for b in models.values() for s in b.stages})
-    pruners = search_pruners(settings, trials)
-    # The sweep's own models first, while nothing else runs (not even a starting Ray): the
-    # comparison, and what the search knows before its first proposal.
-    setup = TimingSetup(settings.runtime, size, settings.threads, settings.repeats)
-    baselines = time_baselines(trials, setup, out)
-    _init_ray(request.address)
-    gpus = cluster_gpus_per_trial(settings.gpus_per_trial, request.address)
-    room = quiet_room(room_name(out))
-    fixed = {
+    return {
         "bases": {
             arch: {"checkpoint": str(b.checkpoint), "config": b.config, "stages": list(b.stages)}
             for arch, b in models.items()
@@ -403,6 +378,87 @@ def run_budget_search(request: BudgetRequest) -> dict[str, Any]:
         "env": trial_environment(),
         "code_version": code_version(),
     }
+
+
+def new_tuner(
+    trainable: Any,
+    space: dict[str, Any],
+    settings: BudgetSettings,
+    baselines: list[dict[str, Any]],
+    models: dict[str, Base],
+    pruners: tuple[str, ...],
+    stages: list[str],
+    out: Path,
+) -> Any:
+    """A fresh search: Optuna's constrained multi-objective TPE, its study seeded with the
+    sweep's uniform-ratio trials."""
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from sweep.budget_sampler import BudgetSampler
+
+    sampler = BudgetSampler(
+        settings.budget_ms,
+        seed=settings.seed,
+        n_startup_trials=min(settings.startup_trials, settings.samples),
+        multivariate=True,
+    )
+    study = prior_study(settings, sampler, baselines, sorted(models), pruners, stages)
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            num_samples=settings.samples,
+            search_alg=OptunaSearch(
+                metric=["val_miou", "latency_ms"],
+                mode=["max", "min"],
+                sampler=sampler,
+                storage=study._storage,  # Ray loads the study with the sweep's results in it
+                study_name=study.study_name,
+            ),
+            max_concurrent_trials=settings.max_concurrent or None,
+            reuse_actors=True,  # one process per slot, as in the sweep
+        ),
+        run_config=tune.RunConfig(
+            name="search",
+            storage_path=str(out),
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=1),
+        ),
+    )
+
+
+def run_budget_search(request: BudgetRequest) -> dict[str, Any]:
+    """The search (resumed if SEARCH_DIR holds one), then the results: every configuration, the
+    Pareto front, the sweep's trials timed alike, and the chosen model exported and tested."""
+    import warnings
+
+    import optuna
+    import ray
+    from ray import tune
+
+    from deploy.timing import TimingSetup
+    from sweep.tune import _init_ray, cluster_gpus_per_trial
+    from trainables.ray_entry import budget_trial
+
+    settings, out = request.settings, request.out.resolve()
+    run_dir = request.run_dir.resolve()
+    trials = sweep_trials(run_dir, request.select)
+    models = bases(trials, settings.trial)
+    first = next(iter(models.values()))
+    size = test_size(first.config)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_settings(out, settings, run_dir)
+    stages = sorted({s for b in models.values() for s in b.stages})
+    pruners = search_pruners(settings, trials)
+    # The sweep's own models first, while nothing else runs (not even a starting Ray): the
+    # comparison, and what the search knows before its first proposal.
+    setup = TimingSetup(settings.runtime, size, settings.threads, settings.repeats)
+    baselines = time_baselines(trials, setup, out)
+    _init_ray(request.address)
+    gpus = cluster_gpus_per_trial(settings.gpus_per_trial, request.address)
+    room = quiet_room(room_name(out))  # held: an actor without a handle is collected
+    fixed = trial_settings(models, out, settings, size)
     space = {"search": fixed, **search_space(settings, sorted(models), pruners, stages)}
     trainable = tune.with_resources(budget_trial, {"cpu": settings.cpus_per_trial, "gpu": gpus})
     path = out / "search"
@@ -419,37 +475,9 @@ def run_budget_search(request: BudgetRequest) -> dict[str, Any]:
             str(path), trainable=trainable, resume_errored=True, param_space=space
         )
     else:
-        sampler = BudgetSampler(
-            settings.budget_ms,
-            seed=settings.seed,
-            n_startup_trials=min(settings.startup_trials, settings.samples),
-            multivariate=True,
-        )
-        study = prior_study(settings, sampler, baselines, sorted(models), pruners, stages)
-        tuner = tune.Tuner(
-            trainable,
-            param_space=space,
-            tune_config=tune.TuneConfig(
-                num_samples=settings.samples,
-                search_alg=OptunaSearch(
-                    metric=["val_miou", "latency_ms"],
-                    mode=["max", "min"],
-                    sampler=sampler,
-                    storage=study._storage,  # Ray loads the study with the sweep's results in it
-                    study_name=study.study_name,
-                ),
-                max_concurrent_trials=settings.max_concurrent or None,
-                reuse_actors=True,
-            ),
-            run_config=tune.RunConfig(
-                name="search",
-                storage_path=str(out),
-                verbose=0,
-                failure_config=tune.FailureConfig(max_failures=1),
-            ),
-        )
+        tuner = new_tuner(trainable, space, settings, baselines, models, pruners, stages, out)
     grid = tuner.fit()
-    del room  # the actor goes with the driver's handle
+    ray.kill(room)
     rows = search_rows(grid)
     return finish(request, rows, baselines, setup)
 
