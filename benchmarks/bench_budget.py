@@ -12,7 +12,8 @@ tune --preset budget-search`), on the built-in synthetic set:
 1. a plain sweep: one dense model, then one uniform-ratio coupled AGP trial per `--sparsities`
    value (every coupled group loses the same fraction of its channels; the sweep's layer scope);
 2. the budget: `--budget-fraction` of the dense model's latency, measured once here (batch 1, the
-   test images' size, `--runtime` with `--threads`), with nothing else running;
+   test images' size, `--runtime` with `--threads`) once the sweep's Ray has exited and the
+   1-minute load is under half the cores (the search command starts on the same condition);
 3. the budget search from that sweep with as many configurations (`--samples`) as the sweep had
    pruned trials, each fine-tuned for the same epochs (a configuration over budget stops before
    fine-tuning), so its fine-tuning epochs are at most the sweep's.
@@ -126,6 +127,29 @@ def corroprune(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, text=True, capture_output=True)
 
 
+def wait_quiet(limit_s: float = 240) -> float:
+    """Until the last command's Ray has exited and the 1-minute load is under half the cores
+    (at most `limit_s`): the next timings are then taken on a quiet machine. Returns the load."""
+    deadline = time.monotonic() + limit_s
+    cores = os.cpu_count() or 1
+    while time.monotonic() < deadline:
+        ray_left = any(
+            b"raylet" in cmd or b"gcs_server" in cmd
+            for cmd in (_cmdline(p) for p in Path("/proc").iterdir() if p.name.isdigit())
+        )
+        if not ray_left and os.getloadavg()[0] < 0.5 * cores:
+            break
+        time.sleep(2)
+    return os.getloadavg()[0]
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def dense_latency(run: Path, args: argparse.Namespace) -> float:
     """The sweep's dense model, timed as the search times every model."""
     from deploy.artefacts import load_artefact
@@ -160,7 +184,9 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     if done.returncode != 0:
         raise SystemExit(f"the sweep failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     sweep_s = time.perf_counter() - started
+    load_before_budget = wait_quiet()
     budget = round(args.budget_fraction * dense_latency(run, args), 3)
+    load_before_search = wait_quiet()
     started = time.perf_counter()
     done = corroprune(
         *("tune", "--preset", str(budget_yaml), "--from", str(run), "--out", str(search)),
@@ -182,6 +208,7 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
             "sweep": finetune_epochs(pruned),
             "search": finetune_epochs([Path(t["out_dir"]) for t in results["trials"]]),
         },
+        "load_1min": {"budget": load_before_budget, "search": load_before_search},
         "sweep_s": round(sweep_s, 1),
         "search_s": round(search_s, 1),
         "search_exit": done.returncode,

@@ -16,7 +16,9 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import socket
+import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -454,6 +456,7 @@ def run_budget_search(request: BudgetRequest) -> dict[str, Any]:
     # The sweep's own models first, while nothing else runs (not even a starting Ray): the
     # comparison, and what the search knows before its first proposal.
     setup = TimingSetup(settings.runtime, size, settings.threads, settings.repeats)
+    busy = busy_now(settings.threads)
     baselines = time_baselines(trials, setup, out)
     _init_ray(request.address)
     gpus = cluster_gpus_per_trial(settings.gpus_per_trial, request.address)
@@ -479,7 +482,7 @@ def run_budget_search(request: BudgetRequest) -> dict[str, Any]:
     grid = tuner.fit()
     ray.kill(room)
     rows = search_rows(grid)
-    return finish(request, rows, baselines, setup)
+    return finish(request, rows, baselines, setup, busy)
 
 
 def prior_study(
@@ -695,8 +698,23 @@ def _fastest(rows: list[dict], baselines: list[dict]) -> dict[str, Any] | None:
     }
 
 
+def busy_now(threads: int) -> dict[str, Any]:
+    """The 1-minute load as the driver starts timing, and a warning if it looks busy."""
+    from analysis.latency import busy_warning
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    warning = busy_warning(load, os.cpu_count() or 1, threads)
+    if warning:
+        print(f"warning: timing the sweep's models: {warning}", file=sys.stderr, flush=True)
+    return {"load_1min": load, "warning": warning}
+
+
 def finish(
-    request: BudgetRequest, rows: list[dict[str, Any]], baselines: list[dict[str, Any]], setup: Any
+    request: BudgetRequest,
+    rows: list[dict[str, Any]],
+    baselines: list[dict[str, Any]],
+    setup: Any,
+    busy: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write results.json and report.html; a budget nothing met is a UserError naming the
     fastest model found (after both are written)."""
@@ -720,6 +738,7 @@ def finish(
         "best_baseline_within_budget": _best(baselines),
         "fastest": _fastest(rows, baselines),
         "trial_cpus": sorted({r["cpu"] for r in rows if r.get("cpu")}),
+        "driver_timing": busy,  # the machine's load when the driver timed the sweep's models
     }
     write_json(out / RESULTS_FILE, results)
     report = write_budget_report(out)

@@ -187,6 +187,7 @@ def test_budget_search_end_to_end(
     request = BudgetRequest(settings, finished_sweep, tmp_path / "search", {})
     results = run_budget_search(request)
     assert len(results["trials"]) == 2 and results["runtime"] == "onnx"
+    assert results["driver_timing"]["load_1min"] >= 0  # how busy the machine was when timing
     for row in results["trials"]:
         assert row["status"] == "finished" and row["within_budget"], row
         assert set(row["stage_ratios"]) >= {"decoder", "encoder.stem"}
