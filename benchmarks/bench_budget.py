@@ -18,6 +18,9 @@ tune --preset budget-search`), on the built-in synthetic set:
    pruned trials, each fine-tuned for the same epochs (a configuration over budget stops before
    fine-tuning), so its fine-tuning epochs are at most the sweep's.
 
+`--retime` (after a run, same `--out`): every sweep model and chosen model timed again, alone in one
+process, and the comparison redone with those latencies; writes `--out`/retimed.json.
+
 Compared: the search's chosen model (best validation mIoU under the budget) against the sweep's
 best uniform-ratio model under the same budget (chosen the same way, on validation), both on the
 test split, with their latencies as the search measured them. Writes `--out`/results.json and
@@ -63,6 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--max-concurrent", type=int, default=2)
+    p.add_argument(
+        "--retime",
+        action="store_true",
+        help="time a finished run's models again, alone in this process, and redo the comparison",
+    )
     return p.parse_args(argv)
 
 
@@ -215,6 +223,48 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     }
 
 
+def retime(out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Every seed's sweep models and chosen model timed again, alone, in this one process (each
+    distinct architecture once), and the comparison redone with those latencies."""
+    from analysis.latency import deployable, signature
+    from deploy.artefacts import load_artefact
+    from deploy.timing import TimingSetup, prepare, time_prepared
+    from trainables.config import TrialConfig
+
+    setup = TimingSetup(args.runtime, (args.size, args.size), args.threads, args.repeats)
+    timed: dict[str, float] = {}
+    seeds = {}
+    for folder in sorted(out.glob("seed*")):
+        results = json.loads((folder / "search" / "results.json").read_text())
+        rows = []
+        for b in results["baselines"]:
+            trial = folder / "sweep" / "trials" / b["trial"]
+            cfg = TrialConfig.from_dict(yaml.safe_load((trial / "config.yaml").read_text()))
+            model = deployable(trial, cfg)
+            key = signature(model, setup.size)
+            if key not in timed:
+                runner = prepare(model, cfg, setup, out / "retimed" / key)
+                timed[key] = time_prepared(runner, setup)["latency_ms"]
+            rows.append({**b, "retimed_ms": timed[key]})
+        chosen = results["chosen"]
+        source = load_artefact(Path(chosen["out_dir"]) / "checkpoints" / "final.pt")
+        runner = prepare(source.model, source.cfg, setup, out / "retimed" / folder.name)
+        chosen_ms = time_prepared(runner, setup)["latency_ms"]
+        within = [
+            r for r in rows if r["pruner"] != "none" and r["retimed_ms"] <= results["budget_ms"]
+        ]
+        best = max(within, key=lambda r: r["val_miou"]) if within else None
+        seeds[folder.name] = {
+            "budget_ms": results["budget_ms"],
+            "chosen_test_miou": chosen["test_miou"],
+            "chosen_retimed_ms": chosen_ms,
+            "best_uniform": best,
+            "delta_test_miou": chosen["test_miou"] - best["test_miou"] if best else None,
+            "baselines": rows,
+        }
+    return seeds
+
+
 def table(rows: list[dict[str, Any]], runtime: str) -> str:
     lines = [
         f"| seed | budget ms ({runtime}) | search: test mIoU / ms / sparsity | best uniform under "
@@ -245,6 +295,22 @@ def table(rows: list[dict[str, Any]], runtime: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.retime:
+        seeds = retime(args.out, args)
+        (args.out / "retimed.json").write_text(json.dumps(seeds, indent=2))
+        for name, seed in seeds.items():
+            best, delta = seed["best_uniform"], seed["delta_test_miou"]
+            side = (
+                f"{best['trial']} {best['test_miou']:.3f} at {best['retimed_ms']:.2f} ms"
+                if best
+                else "none"
+            )
+            print(
+                f"{name}: budget {seed['budget_ms']:.2f} ms; search {seed['chosen_test_miou']:.3f} "
+                f"at {seed['chosen_retimed_ms']:.2f} ms; best uniform {side}; "
+                f"delta {'n/a' if delta is None else f'{delta:+.3f}'}"
+            )
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     from trainables.cost import cpu_name
 
