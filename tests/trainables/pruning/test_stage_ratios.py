@@ -13,6 +13,7 @@ import yaml
 from torch import nn
 
 from sweep.config import parse_set
+from tests.trainables.pruning.test_pruner_coupled import _model  # the same small Unet
 from trainables.config import PruningConfig, TrialConfig, merge
 from trainables.errors import UserError
 from trainables.pruning import coupled
@@ -21,18 +22,6 @@ from trainables.pruning.pruner import Pruner
 # `_model`'s stages: ResNet-18's stem (with layer1's residual stream, which its conv1 writes),
 # layer1 and layer2 (their block convolutions; layer2 also its residual stream) and the decoder.
 STAGES = ["encoder.stem", "encoder.layer1", "encoder.layer2", "decoder"]
-
-
-def _model() -> nn.Module:
-    """Unet on ResNet-18 down to stride 8 (layer3 and layer4 built by smp, never run)."""
-    return smp.create_model(
-        "unet",
-        encoder_name="resnet18",
-        encoder_weights=None,
-        classes=4,
-        encoder_depth=3,
-        decoder_channels=(32, 16, 8),
-    )
 
 
 def _pruned(
