@@ -1,9 +1,9 @@
 """The budget search against the sweep it starts from: is its model more accurate under the budget?
 
     python benchmarks/bench_budget.py --out runs/budget [--seeds 0,1,2] [--arch fpn]
-        [--encoder resnet18] [--size 128] [--train-images 48] [--test-images 16]
+        [--encoder resnet18] [--size 128] [--train-images 64] [--test-images 32]
         [--train-epochs 12] [--prune-epochs 4] [--finetune-epochs 4]
-        [--sparsities 0.3,0.5,0.7,0.8,0.9,0.95] [--samples 6] [--budget-fraction 0.4]
+        [--sparsities 0.3,0.5,0.7,0.8,0.9,0.95] [--samples 24] [--budget-fraction 0.4]
         [--runtime onnx] [--threads 1] [--repeats 20] [--max-concurrent 2]
 
 Per seed, in `--out`/seed<S>/, with the commands users run (`corroprune sweep`, then `corroprune
@@ -14,9 +14,11 @@ tune --preset budget-search`), on the built-in synthetic set:
 2. the budget: `--budget-fraction` of the dense model's latency, measured once here (batch 1, the
    test images' size, `--runtime` with `--threads`) once the sweep's Ray has exited and the
    1-minute load is under half the cores (the search command starts on the same condition);
-3. the budget search from that sweep with as many configurations (`--samples`) as the sweep had
-   pruned trials, each fine-tuned for the same epochs (a configuration over budget stops before
-   fine-tuning), so its fine-tuning epochs are at most the sweep's.
+3. the budget search from that sweep, its fine-tuning epochs in all capped at the sweep's
+   (`budget.finetune_epochs: sweep`): each configuration within budget is fine-tuned for the
+   sweep's epochs, one over budget stops before fine-tuning and spends none, and the search
+   ends when the next configuration would spend more than the sweep did (or after `--samples`
+   configurations).
 
 `--retime` (after a run, same `--out`): every sweep model and chosen model timed again, alone in one
 process, and the comparison redone with those latencies; writes `--out`/retimed.json.
@@ -54,13 +56,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arch", default="fpn")
     p.add_argument("--encoder", default="resnet18")
     p.add_argument("--size", type=int, default=128)
-    p.add_argument("--train-images", type=int, default=48)
-    p.add_argument("--test-images", type=int, default=16)
+    p.add_argument("--train-images", type=int, default=64)
+    p.add_argument("--test-images", type=int, default=32)
     p.add_argument("--train-epochs", type=int, default=12)
     p.add_argument("--prune-epochs", type=int, default=4)
     p.add_argument("--finetune-epochs", type=int, default=4)
     p.add_argument("--sparsities", default="0.3,0.5,0.7,0.8,0.9,0.95")
-    p.add_argument("--samples", type=int, help="search configurations (default: one per sparsity)")
+    p.add_argument(
+        "--samples", type=int, default=24, help="most search configurations (epochs end it first)"
+    )
     p.add_argument("--budget-fraction", type=float, default=0.4)
     p.add_argument("--runtime", default="onnx")
     p.add_argument("--threads", type=int, default=1)
@@ -114,13 +118,15 @@ def sweep_preset(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     }
 
 
-def budget_preset(args: argparse.Namespace, samples: int) -> dict[str, Any]:
+def budget_preset(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "budget": {
-            "samples": samples,
+            "samples": args.samples,
+            "finetune_epochs": "sweep",
             "seed": 0,
             "repeats": args.repeats,
-            "startup_trials": max(2, samples // 2),
+            # The sweep's trials count as finished ones: TPE models from the first proposal.
+            "startup_trials": len(args.sparsities.split(",")) // 2,
             "pruners": ["agp"],
             "sparsity": {"low": 0.3, "high": 0.95},
         },
@@ -184,8 +190,7 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     sweep_yaml, budget_yaml = folder / "sweep-preset.yaml", folder / "budget-preset.yaml"
     sweep_yaml.write_text(yaml.safe_dump(sweep_preset(args, seed)))
-    samples = args.samples or len(args.sparsities.split(","))
-    budget_yaml.write_text(yaml.safe_dump(budget_preset(args, samples)))
+    budget_yaml.write_text(yaml.safe_dump(budget_preset(args)))
     run, search = folder / "sweep", folder / "search"
     started = time.perf_counter()
     done = corroprune("sweep", "--preset", str(sweep_yaml), "--out", str(run))
@@ -212,6 +217,14 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         "best_uniform": base,
         "delta_test_miou": (chosen["test_miou"] - base["test_miou"] if chosen and base else None),
         "search_statuses": [t["status"] for t in results["trials"]],
+        "configurations": {
+            "search": len(results["trials"]),
+            "search_within_budget": sum(t["within_budget"] for t in results["trials"]),
+            "sweep": len(pruned),
+            "sweep_within_budget": sum(
+                b["within_budget"] for b in results["baselines"] if b["pruner"] != "none"
+            ),
+        },
         "finetune_epochs": {
             "sweep": finetune_epochs(pruned),
             "search": finetune_epochs([Path(t["out_dir"]) for t in results["trials"]]),
@@ -268,8 +281,9 @@ def retime(out: Path, args: argparse.Namespace) -> dict[str, Any]:
 def table(rows: list[dict[str, Any]], runtime: str) -> str:
     lines = [
         f"| seed | budget ms ({runtime}) | search: test mIoU / ms / sparsity | best uniform under "
-        "budget: test mIoU / ms / sparsity | Δ test mIoU | fine-tune epochs search / sweep |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "budget: test mIoU / ms / sparsity | Δ test mIoU | fine-tune epochs search / sweep | "
+        "configurations within budget / all, search; sweep |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
 
     def side(r: dict[str, Any] | None) -> str:
@@ -278,11 +292,13 @@ def table(rows: list[dict[str, Any]], runtime: str) -> str:
         return f"{r['test_miou']:.3f} / {r['latency_ms']:.1f} / {r['sparsity']:.2f}"
 
     for row in rows:
-        delta = row["delta_test_miou"]
+        delta, n = row["delta_test_miou"], row["configurations"]
         lines.append(
             f"| {row['seed']} | {row['budget_ms']:.1f} | {side(row['chosen'])} | "
             f"{side(row['best_uniform'])} | {'n/a' if delta is None else f'{delta:+.3f}'} | "
-            f"{row['finetune_epochs']['search']} / {row['finetune_epochs']['sweep']} |"
+            f"{row['finetune_epochs']['search']} / {row['finetune_epochs']['sweep']} | "
+            f"{n['search_within_budget']} / {n['search']}; {n['sweep_within_budget']} / "
+            f"{n['sweep']} |"
         )
     deltas = [r["delta_test_miou"] for r in rows if r["delta_test_miou"] is not None]
     if len(deltas) > 1:
@@ -314,15 +330,17 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     from trainables.cost import cpu_name
 
-    rows = [one_seed(args, int(s)) for s in args.seeds.split(",")]
-    record = {
-        "command": " ".join(sys.argv),
-        "cpu": cpu_name(),
-        "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "seeds": rows,
-    }
-    (args.out / "results.json").write_text(json.dumps(record, indent=2))
+    rows = []
+    for seed in args.seeds.split(","):
+        rows.append(one_seed(args, int(seed)))
+        record = {  # after every seed: a run cut short keeps the seeds it finished
+            "command": " ".join(sys.argv),
+            "cpu": cpu_name(),
+            "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "seeds": rows,
+        }
+        (args.out / "results.json").write_text(json.dumps(record, indent=2))
     print(table(rows, args.runtime))
     return 0
 

@@ -51,8 +51,11 @@ class BudgetSettings:
     budget_ms: float
     runtime: str
     threads: int
-    samples: int
+    samples: int  # at most this many configurations
     seed: int = 0
+    # at most this many fine-tuning epochs in all: a number, "sweep" (as many as the sweep's
+    # coupled trials used), or None (no limit; `samples` alone ends the search)
+    finetune_epochs: int | str | None = None
     repeats: int = 20
     startup_trials: int = 8  # random proposals before Optuna's TPE models the results
     over_budget_margin: float = 0.1  # stop before fine-tuning above budget * (1 + margin)
@@ -83,6 +86,17 @@ def _pair(raw: Any, key: str, lo: float, hi: float) -> tuple[float, float]:
     return low, high
 
 
+def _epoch_limit(raw: Any) -> int | str | None:
+    if raw is None or raw == "sweep":
+        return raw
+    if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 1:
+        return raw
+    raise UserError(
+        f"budget.finetune_epochs: expected a number of epochs (1 or more), 'sweep' (as many as "
+        f"the sweep's coupled trials fine-tuned) or null (no limit), got {raw!r}"
+    )
+
+
 def settings_from(
     preset: dict[str, Any], budget_ms: float, runtime: str, threads: int, samples: int | None
 ) -> BudgetSettings:
@@ -100,6 +114,7 @@ def settings_from(
         "pruners",
         "sparsity",
         "stage_ratio",
+        "finetune_epochs",
     }
     unknown = sorted(set(raw) - allowed)
     if unknown:
@@ -121,6 +136,7 @@ def settings_from(
         threads=int(threads),
         samples=int(samples or raw.get("samples", 24)),
         seed=int(raw.get("seed", 0)),
+        finetune_epochs=_epoch_limit(raw.get("finetune_epochs")),
         repeats=int(raw.get("repeats", 20)),
         startup_trials=int(raw.get("startup_trials", 8)),
         over_budget_margin=float(raw.get("over_budget_margin", 0.1)),
@@ -223,6 +239,33 @@ def search_pruners(settings: BudgetSettings, trials: list) -> tuple[str, ...]:
         return settings.pruners
     found = sorted({who.pruner for _, who, _ in trials if who.pruner in COUPLED_PRUNERS})
     return tuple(found) or ("agp",)
+
+
+def finetune_limit(
+    settings: BudgetSettings, trials: list[tuple[Path, identity.TrialId, dict]]
+) -> int | None:
+    """The search's fine-tuning epochs in all: `budget.finetune_epochs`, with "sweep" counted
+    from the fine-tuning epochs the selected sweep trials that pruned coupled channels ran."""
+    if settings.finetune_epochs != "sweep":
+        return settings.finetune_epochs
+    coupled = [t for t, who, _ in trials if not who.is_dense and who.granularity == "coupled"]
+    spent = sum(
+        sum(1 for r in read_jsonl(t / "metrics.jsonl") if r.get("stage") == "finetune")
+        for t in coupled
+    )
+    if spent < 1:
+        raise UserError(
+            "budget.finetune_epochs: 'sweep', but the sweep has no finished coupled trial that "
+            "fine-tuned; give a number of epochs, or null for no limit"
+        )
+    return spent
+
+
+def planned_epochs(models: dict[str, Base]) -> dict[str, int]:
+    """Fine-tuning epochs a configuration within budget runs, per architecture."""
+    return {
+        arch: TrialConfig.from_dict(b.config).stages.finetune_epochs for arch, b in models.items()
+    }
 
 
 def test_size(cfg: dict[str, Any]) -> tuple[int, int]:
@@ -391,13 +434,15 @@ def new_tuner(
     pruners: tuple[str, ...],
     stages: list[str],
     out: Path,
+    limit: int | None = None,
 ) -> Any:
     """A fresh search: Optuna's constrained multi-objective TPE, its study seeded with the
-    sweep's uniform-ratio trials."""
+    sweep's uniform-ratio trials; with `limit`, it ends once that many fine-tuning epochs are
+    spent (`EpochBudget`), or after `samples` configurations, whichever comes first."""
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    from sweep.budget_sampler import BudgetSampler
+    from sweep.budget_sampler import BudgetSampler, EpochBudget
 
     sampler = BudgetSampler(
         settings.budget_ms,
@@ -406,18 +451,21 @@ def new_tuner(
         multivariate=True,
     )
     study = prior_study(settings, sampler, baselines, sorted(models), pruners, stages)
+    search = OptunaSearch(
+        metric=["val_miou", "latency_ms"],
+        mode=["max", "min"],
+        sampler=sampler,
+        storage=study._storage,  # Ray loads the study with the sweep's results in it
+        study_name=study.study_name,
+    )
+    if limit is not None:
+        search = EpochBudget(search, limit, planned_epochs(models))
     return tune.Tuner(
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(
             num_samples=settings.samples,
-            search_alg=OptunaSearch(
-                metric=["val_miou", "latency_ms"],
-                mode=["max", "min"],
-                sampler=sampler,
-                storage=study._storage,  # Ray loads the study with the sweep's results in it
-                study_name=study.study_name,
-            ),
+            search_alg=search,
             max_concurrent_trials=settings.max_concurrent or None,
             reuse_actors=True,  # one process per slot, as in the sweep
         ),
@@ -453,6 +501,7 @@ def run_budget_search(request: BudgetRequest) -> dict[str, Any]:
     _check_settings(out, settings, run_dir)
     stages = sorted({s for b in models.values() for s in b.stages})
     pruners = search_pruners(settings, trials)
+    limit = finetune_limit(settings, trials)
     # The sweep's own models first, while nothing else runs (not even a starting Ray): the
     # comparison, and what the search knows before its first proposal.
     setup = TimingSetup(settings.runtime, size, settings.threads, settings.repeats)
@@ -465,10 +514,11 @@ def run_budget_search(request: BudgetRequest) -> dict[str, Any]:
     space = {"search": fixed, **search_space(settings, sorted(models), pruners, stages)}
     trainable = tune.with_resources(budget_trial, {"cpu": settings.cpus_per_trial, "gpu": gpus})
     path = out / "search"
+    epochs = "" if limit is None else f" or {limit} fine-tuning epochs in all"
     print(
-        f"budget search: {settings.samples} configurations of {', '.join(sorted(models))} "
-        f"({', '.join(pruners)}), under {settings.budget_ms:g} ms in {settings.runtime} "
-        f"({settings.threads} threads, {size[0]}x{size[1]}, batch 1)",
+        f"budget search: up to {settings.samples} configurations{epochs} of "
+        f"{', '.join(sorted(models))} ({', '.join(pruners)}), under {settings.budget_ms:g} ms in "
+        f"{settings.runtime} ({settings.threads} threads, {size[0]}x{size[1]}, batch 1)",
         flush=True,
     )
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -478,11 +528,13 @@ def run_budget_search(request: BudgetRequest) -> dict[str, Any]:
             str(path), trainable=trainable, resume_errored=True, param_space=space
         )
     else:
-        tuner = new_tuner(trainable, space, settings, baselines, models, pruners, stages, out)
+        tuner = new_tuner(
+            trainable, space, settings, baselines, models, pruners, stages, out, limit
+        )
     grid = tuner.fit()
     ray.kill(room)
     rows = search_rows(grid)
-    return finish(request, rows, baselines, setup, busy)
+    return finish(request, rows, baselines, setup, busy, limit)
 
 
 def prior_study(
@@ -564,6 +616,7 @@ def search_rows(grid: Any) -> list[dict[str, Any]]:
                 "cpu": metrics.get("cpu"),
                 "achieved_sparsity": _number(metrics.get("achieved_sparsity")),
                 "params": metrics.get("params"),
+                "finetune_epochs": metrics.get("finetune_epochs"),
                 "error": None if result.error is None else _first_line(result.error),
                 "out_dir": str(Path(config["search"]["out_root"]) / trial_id),
             }
@@ -715,6 +768,7 @@ def finish(
     baselines: list[dict[str, Any]],
     setup: Any,
     busy: dict[str, Any] | None = None,
+    limit: int | None = None,
 ) -> dict[str, Any]:
     """Write results.json and report.html; a budget nothing met is a UserError naming the
     fastest model found (after both are written)."""
@@ -737,6 +791,10 @@ def finish(
         "chosen": export_chosen(best, setup, out) if best else None,
         "best_baseline_within_budget": _best(baselines),
         "fastest": _fastest(rows, baselines),
+        "finetune_epochs": {
+            "limit": limit,
+            "spent": sum(r.get("finetune_epochs") or 0 for r in rows),
+        },
         "trial_cpus": sorted({r["cpu"] for r in rows if r.get("cpu")}),
         "driver_timing": busy,  # the machine's load when the driver timed the sweep's models
     }

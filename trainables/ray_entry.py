@@ -226,6 +226,7 @@ def _budget_result(out_dir: Path, status: str, trial_id: str) -> dict[str, Any]:
         "val_miou": last.get("val_miou", math.nan),
         "achieved_sparsity": last.get("achieved_sparsity", math.nan),
         "epochs": len(records),
+        "finetune_epochs": sum(r.get("stage") == "finetune" for r in records),
         **{k: latency[k] for k in ("latency_ms", "latency_p90_ms", "quiet", "params", "cpu")},
     }
 

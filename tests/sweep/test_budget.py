@@ -8,16 +8,19 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray.tune.search.searcher import Searcher
 
 from sweep.budget import (
     BudgetRequest,
     QuietRoom,
+    finetune_limit,
     finish,
     mark_front,
     run_budget_search,
     settings_from,
     sweep_trials,
 )
+from sweep.budget_sampler import EpochBudget
 from sweep.cli import main
 from tests.conftest import tiny_config
 from trainables.checkpoint import read_jsonl
@@ -29,7 +32,8 @@ from trainables.trial import run_trial
 STAGES = {"train_epochs": 1, "prune_epochs": 2, "finetune_epochs": 1}
 PRESET = {
     "budget": {
-        "samples": 2,
+        "samples": 3,
+        "finetune_epochs": 2,  # two configurations of one fine-tuning epoch each
         "repeats": 3,
         "startup_trials": 2,
         "sparsity": {"low": 0.4, "high": 0.7},
@@ -154,6 +158,17 @@ def test_settings_and_selection_are_checked(finished_sweep: Path, tmp_path: Path
         settings_from({"budget": {"sparsity": {"low": 0.9, "high": 0.2}}}, 10, "onnx", 1, None)
     with pytest.raises(UserError, match="budget.pruners: 'none'"):
         settings_from({"budget": {"pruners": ["none"]}}, 10, "onnx", 1, None)
+    with pytest.raises(UserError, match="budget.finetune_epochs: expected .* got 'all'"):
+        settings_from({"budget": {"finetune_epochs": "all"}}, 10, "onnx", 1, None)
+    with pytest.raises(UserError, match="budget.finetune_epochs: expected .* got 0"):
+        settings_from({"budget": {"finetune_epochs": 0}}, 10, "onnx", 1, None)
+    as_sweep = settings_from({"budget": {"finetune_epochs": "sweep"}}, 10, "onnx", 1, None)
+    trials = sweep_trials(finished_sweep, {})
+    assert finetune_limit(as_sweep, trials) == STAGES["finetune_epochs"]  # one coupled trial
+    assert finetune_limit(settings_from(PRESET, 10, "onnx", 1, None), trials) == 2
+    dense_only = [t for t in trials if t[1].is_dense]
+    with pytest.raises(UserError, match="no finished coupled trial that fine-tuned"):
+        finetune_limit(as_sweep, dense_only)
     with pytest.raises(UserError, match="no finished dense trial .* matches"):
         sweep_trials(finished_sweep, {"model": "unet"})
     broken = tmp_path / "trials" / "synthetic-fpn-dense-seed0"
@@ -177,6 +192,46 @@ def test_the_front_is_what_nothing_beats() -> None:
     assert [r["within_budget"] for r in rows] == [True, True, False, False, False]
 
 
+class Proposals(Searcher):
+    """A searcher proposing the same configuration every time, and remembering what it heard."""
+
+    def __init__(self) -> None:
+        super().__init__(metric="val_miou", mode="max")
+        self.heard: list[str] = []
+
+    def suggest(self, trial_id: str) -> dict:
+        return {"arch": "fpn"}
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+        self.heard.append(trial_id)
+
+    def save(self, checkpoint_path: str) -> None:
+        Path(checkpoint_path).write_text(json.dumps(self.heard))
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.heard = json.loads(Path(checkpoint_path).read_text())
+
+
+def test_the_search_ends_when_its_fine_tuning_epochs_are_spent(tmp_path: Path) -> None:
+    from ray.tune.search import SearchGenerator
+
+    search = EpochBudget(Proposals(), limit=10, planned={"fpn": 4, "unet": 5})
+    assert search.suggest("a") == {"arch": "fpn"} and search.suggest("b") == {"arch": "fpn"}
+    assert search.suggest("c") is None  # 8 may be spent, another might need 5: wait
+    search.on_trial_complete("a", {"finetune_epochs": 0})  # over budget: none spent
+    assert search.suggest("c") == {"arch": "fpn"}
+    SearchGenerator(search).save_to_dir(str(tmp_path), "s")  # as Tune checkpoints it
+    search.on_trial_complete("b", {"finetune_epochs": 4})
+    search.on_trial_complete("c", None, error=True)  # counts what it planned
+    assert search.spent == 8 and search.suggest("d") == Searcher.FINISHED
+    assert search.searcher.heard == ["a", "b", "c"]
+
+    restored = EpochBudget(Proposals(), limit=10, planned={"fpn": 4, "unet": 5})
+    SearchGenerator(restored).restore_from_dir(str(tmp_path))  # as a resumed search reads it
+    assert restored.live == {"b": 4, "c": 4} and restored.spent == 0
+    assert restored.searcher.heard == ["a"]
+
+
 # ---- a tiny search on a real Ray ----------------------------------------------------------------
 
 
@@ -186,7 +241,9 @@ def test_budget_search_end_to_end(
     settings = settings_from(PRESET, 1e4, "onnx", 1, None)
     request = BudgetRequest(settings, finished_sweep, tmp_path / "search", {})
     results = run_budget_search(request)
+    # The third configuration would spend a third fine-tuning epoch: the search ends at two.
     assert len(results["trials"]) == 2 and results["runtime"] == "onnx"
+    assert results["finetune_epochs"] == {"limit": 2, "spent": 2}
     assert results["driver_timing"]["load_1min"] >= 0  # how busy the machine was when timing
     for row in results["trials"]:
         assert row["status"] == "finished" and row["within_budget"], row
