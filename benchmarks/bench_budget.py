@@ -18,7 +18,9 @@ tune --preset budget-search`), on the built-in synthetic set:
    (`budget.finetune_epochs: sweep`): each configuration within budget is fine-tuned for the
    sweep's epochs, one over budget stops before fine-tuning and spends none, and the search
    ends when the next configuration would spend more than the sweep did (or after `--samples`
-   configurations).
+   configurations). A configuration is over budget as soon as its slim model times over it
+   (`over_budget_margin: 0`: only a model under the budget can be chosen), and Optuna ranks the
+   models under the budget by validation mIoU alone (`latency_floor`, the preset's default).
 
 `--retime` (after a run, same `--out`): every sweep model and chosen model timed again, alone in one
 process, and the comparison redone with those latencies; writes `--out`/retimed.json.
@@ -123,6 +125,8 @@ def budget_preset(args: argparse.Namespace) -> dict[str, Any]:
         "budget": {
             "samples": args.samples,
             "finetune_epochs": "sweep",
+            # Only a model under the budget can be chosen: none over it is worth fine-tuning.
+            "over_budget_margin": 0.0,
             "seed": 0,
             "repeats": args.repeats,
             # The sweep's trials count as finished ones: TPE models from the first proposal.

@@ -59,6 +59,9 @@ class BudgetSettings:
     repeats: int = 20
     startup_trials: int = 8  # random proposals before Optuna's TPE models the results
     over_budget_margin: float = 0.1  # stop before fine-tuning above budget * (1 + margin)
+    # Optuna ranks a latency under the budget as the budget: the search looks for the most
+    # accurate model under it, not the whole front (False: measured latency, the whole front)
+    latency_floor: bool = True
     quiet_timeout_s: float = 600.0
     pruners: tuple[str, ...] = ()  # () -> the sweep's own pruners that prune coupled channels
     sparsity: tuple[float, float] = (0.3, 0.95)
@@ -86,6 +89,12 @@ def _pair(raw: Any, key: str, lo: float, hi: float) -> tuple[float, float]:
     return low, high
 
 
+def _flag(raw: Any, key: str) -> bool:
+    if not isinstance(raw, bool):
+        raise UserError(f"budget.{key}: expected true or false, got {raw!r}")
+    return raw
+
+
 def _epoch_limit(raw: Any) -> int | str | None:
     if raw is None or raw == "sweep":
         return raw
@@ -110,6 +119,7 @@ def settings_from(
         "repeats",
         "startup_trials",
         "over_budget_margin",
+        "latency_floor",
         "quiet_timeout_s",
         "pruners",
         "sparsity",
@@ -140,6 +150,7 @@ def settings_from(
         repeats=int(raw.get("repeats", 20)),
         startup_trials=int(raw.get("startup_trials", 8)),
         over_budget_margin=float(raw.get("over_budget_margin", 0.1)),
+        latency_floor=_flag(raw.get("latency_floor", True), "latency_floor"),
         quiet_timeout_s=float(raw.get("quiet_timeout_s", 600)),
         pruners=pruners,
         sparsity=_pair(raw.get("sparsity", {"low": 0.3, "high": 0.95}), "sparsity", 0.0, 0.99),
@@ -412,6 +423,7 @@ def trial_settings(
         "out_root": str(out / "trials"),
         "budget_ms": settings.budget_ms,
         "limit_ms": settings.budget_ms * (1 + settings.over_budget_margin),
+        "floor_ms": settings.budget_ms if settings.latency_floor else 0.0,
         "timing": {
             "runtime": settings.runtime,
             "size": list(size),
@@ -443,6 +455,7 @@ def new_tuner(
     from ray.tune.search.optuna import OptunaSearch
 
     from sweep.budget_sampler import BudgetSampler, EpochBudget
+    from trainables.ray_entry import OBJECTIVE
 
     sampler = BudgetSampler(
         settings.budget_ms,
@@ -452,7 +465,7 @@ def new_tuner(
     )
     study = prior_study(settings, sampler, baselines, sorted(models), pruners, stages)
     search = OptunaSearch(
-        metric=["val_miou", "latency_ms"],
+        metric=["val_miou", OBJECTIVE],
         mode=["max", "min"],
         sampler=sampler,
         storage=study._storage,  # Ray loads the study with the sweep's results in it
@@ -547,11 +560,13 @@ def prior_study(
 ) -> Any:
     """An Optuna study holding the sweep's uniform-ratio coupled trials as finished trials of the
     search space (every stage at the same ratio, the middle of `stage_ratio`; their validation
-    mIoU and measured latency), so TPE models the results the sweep already paid for before its
-    first proposal, and proposes around the best of them."""
+    mIoU and measured latency, floored at the budget with `budget.latency_floor`), so TPE models
+    the results the sweep already paid for before its first proposal, and proposes around the
+    best of them."""
     import optuna
 
     from sweep.budget_sampler import CONSTRAINT
+    from trainables.ray_entry import objective_latency
 
     distributions = {
         "arch": optuna.distributions.CategoricalDistribution(archs),
@@ -568,6 +583,7 @@ def prior_study(
         sampler=sampler,
     )
     low, high = settings.sparsity
+    floor = settings.budget_ms if settings.latency_floor else 0.0
     for b in baselines:
         uniform = b["granularity"] == "coupled" and b["scope"] == "layer" and not b.get("ratios")
         known = b["arch"] in archs and b["pruner"] in pruners and low <= b["sparsity"] <= high
@@ -575,12 +591,13 @@ def prior_study(
             continue
         params = {"arch": b["arch"], "pruner": b["pruner"], "sparsity": b["sparsity"]}
         params.update({RATIO + s: sum(settings.stage_ratio) / 2 for s in stages})  # uniform
+        latency = objective_latency(b["latency_ms"], floor)
         study.add_trial(
             optuna.trial.create_trial(
-                values=[b["val_miou"], b["latency_ms"]],
+                values=[b["val_miou"], latency],
                 params=params,
                 distributions=distributions,
-                system_attrs={CONSTRAINT: b["latency_ms"] - settings.budget_ms},
+                system_attrs={CONSTRAINT: latency - settings.budget_ms},
                 user_attrs={"sweep_trial": b["trial"]},
             )
         )

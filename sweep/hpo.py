@@ -106,6 +106,13 @@ def parse_select(text: str | None) -> dict[str, Any]:
         raise UserError(f"--select {text}: {err}") from None
 
 
+def _read_final(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON: {err}") from None
+
+
 def pruned_trials(run_dir: Path, select: dict[str, str]) -> list[dict[str, Any]]:
     """Finished pruned trials of a sweep matching the selection."""
     trials_dir = run_dir / "trials"
@@ -118,7 +125,10 @@ def pruned_trials(run_dir: Path, select: dict[str, str]) -> list[dict[str, Any]]
             final.exists() and config.exists() and (trial / "checkpoints" / "final.pt").exists()
         ):
             continue
-        cfg = yaml.safe_load(config.read_text())
+        try:
+            cfg = yaml.safe_load(config.read_text())
+        except yaml.YAMLError as err:
+            raise UserError(f"{config} is not valid YAML: {err}") from None
         who = identity.trial_id(trial.name, cfg)
         if who is None or who.is_dense:
             continue
@@ -128,7 +138,7 @@ def pruned_trials(run_dir: Path, select: dict[str, str]) -> list[dict[str, Any]]
                     "name": trial.name,
                     "config": cfg,
                     "dir": str(trial),
-                    "final": json.loads(final.read_text()),
+                    "final": _read_final(final),
                 }
             )
     if not found:

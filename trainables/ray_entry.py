@@ -215,6 +215,15 @@ def measure_slim(
     }
 
 
+OBJECTIVE = "objective_latency_ms"  # the latency Optuna ranks: measured, floored at the budget
+
+
+def objective_latency(latency_ms: float, floor_ms: float) -> float:
+    """What Optuna is told of a latency: with `budget.latency_floor`, under the budget counts as
+    the budget (all models under it tie on latency and rank by validation mIoU)."""
+    return latency_ms if math.isnan(latency_ms) else max(latency_ms, floor_ms)
+
+
 def _budget_result(out_dir: Path, status: str, trial_id: str) -> dict[str, Any]:
     """The trial's last report: both objectives and what the search's table shows."""
     latency = json.loads((out_dir / LATENCY_FILE).read_text())
@@ -292,7 +301,10 @@ def budget_trial(config: dict[str, Any]) -> None:
         # Every report names both objectives (Tune checks); latency is NaN until measured.
         path = out_dir / LATENCY_FILE
         latency = json.loads(path.read_text())["latency_ms"] if path.exists() else math.nan
-        tune.report({**_scalars(record), "trial_id": trial_id, "latency_ms": latency})
+        tune.report({**_scalars(record), "trial_id": trial_id, **objectives(latency)})
+
+    def objectives(latency: float) -> dict[str, float]:
+        return {"latency_ms": latency, OBJECTIVE: objective_latency(latency, search["floor_ms"])}
 
     try:
         node_ip = ray.util.get_node_ip_address()
@@ -314,4 +326,4 @@ def budget_trial(config: dict[str, Any]) -> None:
             out_dir / "error.txt", f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}"
         )
         raise
-    tune.report(result)
+    tune.report({**result, **objectives(result["latency_ms"])})

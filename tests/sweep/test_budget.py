@@ -158,6 +158,8 @@ def test_settings_and_selection_are_checked(finished_sweep: Path, tmp_path: Path
         settings_from({"budget": {"sparsity": {"low": 0.9, "high": 0.2}}}, 10, "onnx", 1, None)
     with pytest.raises(UserError, match="budget.pruners: 'none'"):
         settings_from({"budget": {"pruners": ["none"]}}, 10, "onnx", 1, None)
+    with pytest.raises(UserError, match="budget.latency_floor: expected true or false, got 'y'"):
+        settings_from({"budget": {"latency_floor": "y"}}, 10, "onnx", 1, None)
     with pytest.raises(UserError, match="budget.finetune_epochs: expected .* got 'all'"):
         settings_from({"budget": {"finetune_epochs": "all"}}, 10, "onnx", 1, None)
     with pytest.raises(UserError, match="budget.finetune_epochs: expected .* got 0"):
@@ -299,6 +301,7 @@ def test_the_search_starts_knowing_the_sweeps_uniform_trials() -> None:
         {**row, "sparsity": 0.5, "granularity": "coupled", "scope": "layer"},
         {**row, "sparsity": 0.5, "granularity": "element", "scope": "layer"},  # not in the space
         {**row, "sparsity": 0.9, "granularity": "coupled", "scope": "layer"},  # out of its range
+        {**row, "sparsity": 0.6, "granularity": "coupled", "scope": "layer", "latency_ms": 12.0},
     ]
     stages = ["decoder", "encoder.stem"]
     sampler = BudgetSampler(20.0, seed=0)
@@ -312,8 +315,15 @@ def test_the_search_starts_knowing_the_sweeps_uniform_trials() -> None:
     )
     space = search_space(settings, ["fpn"], ("agp",), stages)
     assert search.set_search_properties(None, None, {"search": {}, **space})
-    (known,) = search._ot_study.trials  # Ray's study is the one holding the sweep's trial
+    known, fast = search._ot_study.trials  # Ray's study is the one holding the sweep's trials
     assert known.values == [0.5, 30.0] and known.system_attrs[CONSTRAINT] == 10.0
+    # Under the budget, latency counts as the budget: it ranks on validation mIoU alone.
+    assert fast.values == [0.5, 20.0] and fast.system_attrs[CONSTRAINT] == 0.0
+    measured = settings_from(
+        {"budget": {**PRESET["budget"], "latency_floor": False}}, 20.0, "onnx", 1, None
+    )
+    study = prior_study(measured, BudgetSampler(20.0), baselines, ["fpn"], ("agp",), stages)
+    assert [t.values for t in study.trials] == [[0.5, 30.0], [0.5, 12.0]]
     assert known.params == {
         "arch": "fpn",
         "pruner": "agp",

@@ -86,6 +86,22 @@ def test_search_end_to_end(local_ray, finished_sweep: Path, tmp_path: Path) -> N
     assert "test mIoU, paper settings" in page and "parcoords" in page
 
 
+def test_unreadable_trial_files_are_named(tmp_path: Path) -> None:
+    trial = tmp_path / "trials" / "synthetic-fpn-agp-s0.5-seed0"
+    (trial / "checkpoints").mkdir(parents=True)
+    (trial / "checkpoints" / "final.pt").write_bytes(b"")
+    (trial / "final.json").write_text("{")
+    (trial / "config.yaml").write_text("seed: [0")
+    with pytest.raises(UserError, match="synthetic-fpn-agp-s0.5-seed0/config.yaml is not valid"):
+        pruned_trials(tmp_path, {})
+    (trial / "config.yaml").write_text(
+        "seed: 0\ndata: {dataset: synthetic}\nmodel: {arch: fpn}\n"
+        "pruning: {pruner: agp, sparsity: 0.5}\n"
+    )
+    with pytest.raises(UserError, match="synthetic-fpn-agp-s0.5-seed0/final.json is not valid"):
+        pruned_trials(tmp_path, {})
+
+
 def test_selection_and_presets_are_checked(finished_sweep: Path) -> None:
     assert parse_select("model=fpn,sparsity=0.5,seed=1") == {
         "model": "fpn",
