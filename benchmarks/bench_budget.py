@@ -171,13 +171,13 @@ def _cmdline(proc: Path) -> bytes:
 def dense_latency(run: Path, args: argparse.Namespace) -> float:
     """The sweep's dense model, timed as the search times every model."""
     from deploy.artefacts import load_artefact
-    from deploy.timing import TimingSetup, prepare, time_prepared
+    from deploy.timing import TimingSetup, prepare, time_rounds
 
     final = next((run / "trials").glob("*-dense-seed*")) / "checkpoints" / "final.pt"
     source = load_artefact(final)
     setup = TimingSetup(args.runtime, (args.size, args.size), args.threads, args.repeats)
     runner = prepare(source.model, source.cfg, setup, run / "dense-timing")
-    return time_prepared(runner, setup)["latency_ms"]
+    return time_rounds({"dense": runner}, setup)["dense"]["latency_ms"]
 
 
 def finetune_epochs(trial_dirs: list[Path]) -> int:
@@ -241,40 +241,44 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
 
 
 def retime(out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Every seed's sweep models and chosen model timed again, alone, in this one process (each
-    distinct architecture once), and the comparison redone with those latencies."""
+    """Every seed's sweep models and chosen model timed again in this one process: all prepared
+    first (each distinct architecture once), then timed in interleaved rounds; the comparison
+    redone with those latencies."""
     from analysis.latency import deployable, signature
     from deploy.artefacts import load_artefact
-    from deploy.timing import TimingSetup, prepare, time_prepared
+    from deploy.timing import TimingSetup, prepare, time_rounds
     from trainables.config import TrialConfig
 
     setup = TimingSetup(args.runtime, (args.size, args.size), args.threads, args.repeats)
-    timed: dict[str, float] = {}
-    seeds = {}
-    for folder in sorted(out.glob("seed*")):
-        results = json.loads((folder / "search" / "results.json").read_text())
-        rows = []
-        for b in results["baselines"]:
+    runners: dict[str, Any] = {}
+    keys: dict[tuple[str, str], str] = {}
+    folders = sorted(out.glob("seed*"))
+    results = {f.name: json.loads((f / "search" / "results.json").read_text()) for f in folders}
+    for folder in folders:
+        for b in results[folder.name]["baselines"]:
             trial = folder / "sweep" / "trials" / b["trial"]
             cfg = TrialConfig.from_dict(yaml.safe_load((trial / "config.yaml").read_text()))
             model = deployable(trial, cfg)
-            key = signature(model, setup.size)
-            if key not in timed:
-                runner = prepare(model, cfg, setup, out / "retimed" / key)
-                timed[key] = time_prepared(runner, setup)["latency_ms"]
-            rows.append({**b, "retimed_ms": timed[key]})
-        chosen = results["chosen"]
+            keys[folder.name, b["trial"]] = key = signature(model, setup.size)
+            if key not in runners:
+                runners[key] = prepare(model, cfg, setup, out / "retimed" / key)
+        chosen = results[folder.name]["chosen"]
         source = load_artefact(Path(chosen["out_dir"]) / "checkpoints" / "final.pt")
-        runner = prepare(source.model, source.cfg, setup, out / "retimed" / folder.name)
-        chosen_ms = time_prepared(runner, setup)["latency_ms"]
-        within = [
-            r for r in rows if r["pruner"] != "none" and r["retimed_ms"] <= results["budget_ms"]
-        ]
+        runners[folder.name] = prepare(
+            source.model, source.cfg, setup, out / "retimed" / folder.name
+        )
+    timed = {key: t["latency_ms"] for key, t in time_rounds(runners, setup).items()}
+    seeds = {}
+    for folder in folders:
+        res = results[folder.name]
+        rows = [{**b, "retimed_ms": timed[keys[folder.name, b["trial"]]]} for b in res["baselines"]]
+        within = [r for r in rows if r["pruner"] != "none" and r["retimed_ms"] <= res["budget_ms"]]
         best = max(within, key=lambda r: r["val_miou"]) if within else None
+        chosen = res["chosen"]
         seeds[folder.name] = {
-            "budget_ms": results["budget_ms"],
+            "budget_ms": res["budget_ms"],
             "chosen_test_miou": chosen["test_miou"],
-            "chosen_retimed_ms": chosen_ms,
+            "chosen_retimed_ms": timed[folder.name],
             "best_uniform": best,
             "delta_test_miou": chosen["test_miou"] - best["test_miou"] if best else None,
             "baselines": rows,

@@ -681,39 +681,45 @@ def time_baselines(
     trials: list[tuple[Path, identity.TrialId, dict]], setup: Any, out: Path
 ) -> list[dict[str, Any]]:
     """The sweep's finished trials, their deployable models timed as the search's are (each
-    distinct architecture once); cached in SEARCH_DIR/baselines.json."""
+    distinct architecture once, all prepared before any is timed, in interleaved rounds); cached
+    in SEARCH_DIR/baselines.json."""
     from analysis.latency import deployable, signature
-    from deploy.timing import parameter_count, prepare, time_prepared
+    from deploy.timing import parameter_count, prepare, time_rounds
 
     path = out / BASELINES_FILE
     cached = json.loads(path.read_text()) if path.exists() else {}
-    timed: dict[str, dict[str, float]] = {}
-    rows = []
-    for trial, who, raw in trials:
-        if trial.name not in cached:
-            cfg = TrialConfig.from_dict(raw)
-            model = deployable(trial, cfg)
-            key = signature(model, setup.size)
-            if key not in timed:
-                runner = prepare(model, cfg, setup, out / "baselines" / key)
-                timed[key] = {**time_prepared(runner, setup), "params": parameter_count(model)}
-            final = json.loads((trial / "final.json").read_text())
-            summary = final.get("pruned") or final.get("dense") or {}
-            cached[trial.name] = {
-                "trial": trial.name,
-                "arch": who.model,
-                "pruner": who.pruner,
-                "sparsity": who.sparsity,
-                "granularity": None if who.is_dense else who.granularity,
-                "scope": raw.get("pruning", {}).get("scope"),
-                "ratios": raw.get("pruning", {}).get("stage_ratios"),
-                "val_miou": _last_val_miou(trial),
-                "test_miou": _number(summary.get("test_miou")),
-                **timed[key],
-            }
-            write_json(path, cached)
-        rows.append(cached[trial.name])
-    return rows
+    todo = [(trial, who, raw) for trial, who, raw in trials if trial.name not in cached]
+    runners: dict[str, Any] = {}
+    params: dict[str, int] = {}
+    keys: dict[str, str] = {}
+    for trial, _, raw in todo:
+        cfg = TrialConfig.from_dict(raw)
+        model = deployable(trial, cfg)
+        keys[trial.name] = key = signature(model, setup.size)
+        if key not in runners:
+            runners[key] = prepare(model, cfg, setup, out / "baselines" / key)
+            params[key] = parameter_count(model)
+    timed = time_rounds(runners, setup) if runners else {}
+    for trial, who, raw in todo:
+        key = keys[trial.name]
+        final = json.loads((trial / "final.json").read_text())
+        summary = final.get("pruned") or final.get("dense") or {}
+        cached[trial.name] = {
+            "trial": trial.name,
+            "arch": who.model,
+            "pruner": who.pruner,
+            "sparsity": who.sparsity,
+            "granularity": None if who.is_dense else who.granularity,
+            "scope": raw.get("pruning", {}).get("scope"),
+            "ratios": raw.get("pruning", {}).get("stage_ratios"),
+            "val_miou": _last_val_miou(trial),
+            "test_miou": _number(summary.get("test_miou")),
+            **timed[key],
+            "params": params[key],
+        }
+    if todo:
+        write_json(path, cached)
+    return [cached[trial.name] for trial, _, _ in trials]
 
 
 def export_chosen(row: dict[str, Any], setup: Any, out: Path) -> dict[str, Any]:
@@ -722,12 +728,12 @@ def export_chosen(row: dict[str, Any], setup: Any, out: Path) -> dict[str, Any]:
     from deploy.artefacts import load_artefact
     from deploy.evaluate import evaluate, evaluation_data
     from deploy.export import export_compact
-    from deploy.timing import FILES, prepare, time_prepared
+    from deploy.timing import FILES, prepare, time_rounds
 
     folder = out / "chosen"
     source = load_artefact(Path(row["out_dir"]) / "checkpoints" / "final.pt")  # slim
     runner = prepare(source.model, source.cfg, setup, folder)
-    timing = time_prepared(runner, setup)
+    timing = time_rounds({"chosen": runner}, setup)["chosen"]
     if setup.runtime == "torch":
         path = export_compact(source.model, source.cfg, folder / "model.safetensors")
     else:

@@ -199,13 +199,13 @@ def measure_slim(
     model: torch.nn.Module, cfg: TrialConfig, setup: Any, folder: Path, room: QuietRoomClient
 ) -> dict[str, Any]:
     """The slim model's latency: exported (ONNX runtimes) beside the others, timed alone."""
-    from deploy.timing import parameter_count, prepare, time_prepared
+    from deploy.timing import parameter_count, prepare, time_rounds
 
     runner = prepare(copy.deepcopy(model), cfg, setup, folder)
     waited = time.monotonic()
     with room.measuring() as quiet:
         started = time.monotonic()
-        timing = time_prepared(runner, setup)
+        timing = time_rounds({"slim": runner}, setup)["slim"]
     return {
         **timing,
         **setup.as_record(),
