@@ -291,3 +291,42 @@ def test_proxy_accuracy_and_latency_passes(bench_proxy: ModuleType, tmp_path: Pa
     assert "| dense | 0.000 |" in table and "| 0.5 | ORT INT8 |" in table
     timed = json.loads((tmp_path / "latency-32.json").read_text())["models"]
     assert all(set(m["latency"]) == {"torch", "onnx", "onnx-int8"} for m in timed)
+
+
+def test_budget_bench_presets_and_table() -> None:
+    from sweep.budget import settings_from
+    from trainables.config import TrialConfig
+
+    bench = load("bench_budget")
+    args = bench.parse_args(["--out", "unused"])
+    budget = settings_from(bench.budget_preset(args), 10.0, "onnx", 1, None)
+    assert budget.finetune_epochs == "sweep" and budget.over_budget_margin == 0
+    assert budget.latency_floor and budget.startup_trials == 3
+    preset = bench.sweep_preset(args, seed=2)
+    cfg = TrialConfig.from_dict(preset["trial"])
+    assert cfg.seed == 2 and cfg.stages.finetune_epochs == 4 and cfg.data.synthetic.test == 32
+
+    def row(seed: int, delta: float, ms: float) -> dict:
+        side = {"test_miou": 0.7, "latency_ms": 10.0, "sparsity": 0.7}
+        return {
+            "seed": seed,
+            "budget_ms": 11.0,
+            "chosen": {**side, "test_miou": 0.7 + delta, "latency_ms": ms},
+            "best_uniform": side,
+            "delta_test_miou": delta,
+            "finetune_epochs": {"search": 24, "sweep": 24},
+            "configurations": {
+                "search": 9,
+                "search_within_budget": 6,
+                "sweep": 6,
+                "sweep_within_budget": 3,
+            },
+        }
+
+    text = bench.table([row(0, 0.02, 9.0), row(1, 0.04, 11.0)], "onnx")
+    assert (
+        "| 0 | 11.0 | 0.720 / 9.0 / 0.70 | 0.700 / 10.0 / 0.70 | +0.020 | 24 / 24 | 6 / 9; 3 / 6 |"
+        in text
+    )
+    assert "over 2 seeds: Δ test mIoU mean +0.030 (sd 0.014" in text
+    assert "latency / the uniform model's: mean 1.00" in text
