@@ -33,6 +33,7 @@ from trainables.errors import UserError
 
 FORMAT = "corroprune-budget-v1"
 SETTINGS_FILE = "budget.json"  # what the search was started with; a resume must match it
+SETTINGS_BEFORE = {"finetune_epochs": None, "latency_floor": False}  # absent from older files
 RESULTS_FILE = "results.json"
 BASELINES_FILE = "baselines.json"
 RUNTIMES = ("onnx", "onnx-int8", "torch")
@@ -396,7 +397,8 @@ def _check_settings(out: Path, settings: BudgetSettings, run_dir: Path) -> None:
     path = out / SETTINGS_FILE
     wanted = {"run_dir": str(run_dir), **settings.results_part()}
     if path.exists():
-        stored = json.loads(path.read_text())
+        # A search started before a setting existed ran as that setting's "off" value does.
+        stored = {**SETTINGS_BEFORE, **json.loads(path.read_text())}
         changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
         if changed:
             raise UserError(

@@ -276,6 +276,17 @@ def test_budget_search_end_to_end(
     )
     with pytest.raises(UserError, match="other settings \\(budget_ms"):
         run_budget_search(other)
+    # A search started before latency_floor existed ran without a floor: it resumes with false.
+    stored = json.loads((request.out / "budget.json").read_text())
+    stored.pop("latency_floor")
+    (request.out / "budget.json").write_text(json.dumps(stored))
+    with pytest.raises(UserError, match="latency_floor: False now True"):
+        run_budget_search(request)
+    whole_front = {"budget": {**PRESET["budget"], "latency_floor": False}, "sweep": PRESET["sweep"]}
+    older = BudgetRequest(
+        settings_from(whole_front, 1e4, "onnx", 1, None), finished_sweep, request.out, {}
+    )
+    assert len(run_budget_search(older)["trials"]) == 2
 
     # A budget nothing meets: the results are written, and the error names the fastest model.
     from deploy.timing import TimingSetup
