@@ -258,8 +258,9 @@ def _retime_seed(folder: Path, runtime: str, size: int, threads: int, repeats: i
         runners[b["trial"]] = prepare(
             deployable(trial, cfg), cfg, setup, folder / "retimed" / trial.name
         )
-    source = load_artefact(Path(results["chosen"]["out_dir"]) / "checkpoints" / "final.pt")
-    runners["chosen"] = prepare(source.model, source.cfg, setup, folder / "retimed" / "chosen")
+    if results["chosen"]:  # None when nothing the search tried met the budget
+        source = load_artefact(Path(results["chosen"]["out_dir"]) / "checkpoints" / "final.pt")
+        runners["chosen"] = prepare(source.model, source.cfg, setup, folder / "retimed" / "chosen")
     return {key: t["latency_ms"] for key, t in time_rounds(runners, setup).items()}
 
 
@@ -280,14 +281,16 @@ def retime(out: Path, args: argparse.Namespace) -> dict[str, Any]:
         rows = [{**b, "retimed_ms": timed[b["trial"]]} for b in res["baselines"]]
         within = [r for r in rows if r["pruner"] != "none" and r["retimed_ms"] <= res["budget_ms"]]
         best = max(within, key=lambda r: r["val_miou"]) if within else None
-        chosen = res["chosen"]
+        chosen = res["chosen"] or {}
         seeds[folder.name] = {
             "budget_ms": res["budget_ms"],
-            "chosen_test_miou": chosen["test_miou"],
-            "chosen_search_ms": chosen["latency_ms"],
-            "chosen_retimed_ms": timed["chosen"],
+            "chosen_test_miou": chosen.get("test_miou"),
+            "chosen_search_ms": chosen.get("latency_ms"),
+            "chosen_retimed_ms": timed.get("chosen"),
             "best_uniform": best,
-            "delta_test_miou": chosen["test_miou"] - best["test_miou"] if best else None,
+            "delta_test_miou": (
+                chosen["test_miou"] - best["test_miou"] if chosen and best else None
+            ),
             "baselines": rows,
         }
     return seeds
@@ -360,10 +363,14 @@ def main(argv: list[str] | None = None) -> int:
                 if best
                 else "none"
             )
+            search = (
+                f"{seed['chosen_test_miou']:.3f} at {seed['chosen_retimed_ms']:.2f} ms"
+                if seed["chosen_retimed_ms"] is not None
+                else "none under budget"
+            )
             print(
-                f"{name}: budget {seed['budget_ms']:.2f} ms; search {seed['chosen_test_miou']:.3f} "
-                f"at {seed['chosen_retimed_ms']:.2f} ms; best uniform {side}; "
-                f"delta {'n/a' if delta is None else f'{delta:+.3f}'}"
+                f"{name}: budget {seed['budget_ms']:.2f} ms; search {search}; best uniform "
+                f"{side}; delta {'n/a' if delta is None else f'{delta:+.3f}'}"
             )
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
